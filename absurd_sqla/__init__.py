@@ -1,0 +1,43 @@
+"""absurd_sqla: durable execution on PostgreSQL, as a SQLAlchemy extension."""
+
+from ._app import Hooks
+from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot, uuid7
+from .client import Absurd
+from .errors import (
+    AbsurdError,
+    CancelledTask,
+    InvalidArgument,
+    InvalidQueueName,
+    LeaseLost,
+    NotSerializable,
+    QueueNotFound,
+    SuspendTask,
+    TaskNotFound,
+    TaskSignal,
+    TaskStateError,
+    TimeoutError,
+)
+from .models import metadata
+
+__all__ = [
+    "Absurd",
+    "AbsurdError",
+    "CancelledTask",
+    "Hooks",
+    "InvalidArgument",
+    "InvalidQueueName",
+    "LeaseLost",
+    "NotSerializable",
+    "QueueNotFound",
+    "SpawnRequest",
+    "SpawnResult",
+    "SuspendTask",
+    "TaskNotFound",
+    "TaskResultSnapshot",
+    "TaskSignal",
+    "TaskStateError",
+    "TimeoutError",
+    "metadata",
+    "uuid7",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""The body of both Alembic ``env.py`` files (the shipped one and the repo's)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from alembic.runtime.environment import EnvironmentContext
+from sqlalchemy import Connection, Engine, create_engine, pool
+
+from ._engine import default_url, normalize_url
+from .models import SCHEMA, metadata
+
+VERSION_TABLE = "absurd_alembic_version"
+
+
+def _include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    # Autogenerate compares our schema only; the app's tables are not ours to judge.
+    if type_ == "table":
+        return getattr(obj, "schema", None) == SCHEMA
+    return True
+
+
+def _configure(context: EnvironmentContext, **kw: Any) -> None:
+    context.configure(
+        target_metadata=metadata,
+        version_table=VERSION_TABLE,
+        include_schemas=True,
+        include_object=_include_object,
+        **kw,
+    )
+
+
+def run(context: EnvironmentContext) -> None:
+    cfg = context.config
+    url = cfg.get_main_option("sqlalchemy.url") or os.environ.get("ABSURD_DATABASE_URL")
+    x_url = context.get_x_argument(as_dictionary=True).get("url")
+    url = x_url or url or default_url()
+    if context.is_offline_mode():
+        _configure(context, url=normalize_url(url), literal_binds=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    given = cfg.attributes.get("connection")
+    if isinstance(given, Connection):
+        _migrate_on(context, given)
+        return
+    engine = (
+        given
+        if isinstance(given, Engine)
+        else create_engine(normalize_url(url), poolclass=pool.NullPool)
+    )
+    with engine.connect() as connection:
+        _migrate_on(context, connection)
+        connection.commit()
+
+
+def _migrate_on(context: EnvironmentContext, connection: Connection) -> None:
+    _configure(context, connection=connection)
+    with context.begin_transaction():
+        context.run_migrations()

@@ -1,0 +1,51 @@
+"""Turning a ``bind`` (URL, Engine or sessionmaker) into an Engine and a Session factory."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+DEFAULT_URL = "postgresql://localhost/absurd"
+
+Bind = str | URL | Engine | sessionmaker[Session] | None
+
+
+def default_url() -> str:
+    """``ABSURD_DATABASE_URL``, then ``PGDATABASE`` (a database name on the local server)."""
+    url = os.environ.get("ABSURD_DATABASE_URL")
+    if url:
+        return url
+    pgdatabase = os.environ.get("PGDATABASE")
+    if pgdatabase:
+        return pgdatabase if "://" in pgdatabase else f"postgresql:///{pgdatabase}"
+    return DEFAULT_URL
+
+
+def normalize_url(url: str | URL, *, driver: str = "psycopg") -> URL:
+    """Plain ``postgresql://`` URLs (and ``postgres://``) use psycopg 3."""
+    parsed = make_url(url) if isinstance(url, str) else url
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername=f"postgresql+{driver}")
+    if not parsed.drivername.startswith("postgresql"):
+        raise ValueError(f"absurd_sqla needs PostgreSQL, got a {parsed.drivername!r} URL")
+    return parsed
+
+
+def engine_and_sessions(bind: Bind, **engine_kw: Any) -> tuple[Engine, sessionmaker[Session]]:
+    if bind is None:
+        bind = default_url()
+    if isinstance(bind, sessionmaker):
+        engine = bind.kw.get("bind")
+        if not isinstance(engine, Engine):
+            raise TypeError("the sessionmaker passed as bind must itself be bound to an Engine")
+        return engine, bind
+    if isinstance(bind, Engine):
+        return bind, sessionmaker(bind)
+    if isinstance(bind, str | URL):
+        engine = create_engine(normalize_url(bind), **engine_kw)
+        return engine, sessionmaker(engine)
+    raise TypeError(f"bind must be a URL, an Engine or a sessionmaker, not {type(bind).__name__}")

@@ -1,0 +1,293 @@
+"""I/O-free Core statements, built once at import and shared by sync and async code.
+
+Each operation is one statement (CTEs where Postgres allows it) with named bind
+parameters; names of queues, tasks and events are always bound, never spliced.
+JSON arrives pre-encoded as text and is cast to ``jsonb`` in SQL, so a value is
+serialised exactly once, by ``_core.encode_json``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    Float,
+    Integer,
+    Text,
+    bindparam,
+    cast,
+    column,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.sql.elements import ColumnElement
+
+from .models import (
+    TERMINAL_STATES,
+    checkpoints,
+    events,
+    queues,
+    runs,
+    tasks,
+    waits,
+)
+
+LIVE_STATES = ("pending", "running", "sleeping")
+
+NOW: ColumnElement[datetime] = func.absurd.now(type_=TIMESTAMP(timezone=True))
+INFINITY = literal_column("'infinity'::timestamptz", TIMESTAMP(timezone=True))
+
+
+def json_param(name: str) -> ColumnElement[object]:
+    """A bind parameter carrying JSON text, cast to jsonb."""
+    return cast(bindparam(name, type_=Text), JSONB)
+
+
+def seconds(name: str) -> ColumnElement[object]:
+    """``make_interval(secs => :name)``."""
+    return func.make_interval(0, 0, 0, 0, 0, 0, bindparam(name, type_=Float))
+
+
+def notify(channel_param: str = "channel") -> ColumnElement[object]:
+    """``pg_notify(:channel, '')``: delivered only if the transaction commits."""
+    return func.pg_notify(bindparam(channel_param, type_=Text), literal("", Text))
+
+
+def channel_for(queue_name: str) -> str:
+    return f"absurd.{queue_name}"
+
+
+q_param = bindparam("queue", type_=Text)
+
+# -- queues ------------------------------------------------------------------
+
+create_queue = pg_insert(queues).values(queue_name=q_param).on_conflict_do_nothing()
+drop_queue = delete(queues).where(queues.c.queue_name == q_param).returning(queues.c.queue_name)
+list_queues = select(queues.c.queue_name).order_by(queues.c.queue_name)
+queue_exists = select(exists().where(queues.c.queue_name == q_param))
+
+# -- spawn -------------------------------------------------------------------
+
+_recordset = (
+    func.jsonb_to_recordset(json_param("items"))
+    .table_valued(
+        column("task_id", UUID(as_uuid=True)),
+        column("run_id", UUID(as_uuid=True)),
+        column("task_name", Text),
+        column("params", JSONB),
+        column("headers", JSONB),
+        column("retry_strategy", JSONB),
+        column("max_attempts", Integer),
+        column("cancellation", JSONB),
+        column("idempotency_key", Text),
+        column("delay_seconds", Float),
+        column("run_after", TIMESTAMP(timezone=True)),
+    )
+    .render_derived(name="item", with_types=True)
+)
+_items = select(_recordset).cte("items")  # parsed once, read by both inserts
+_queue_row = select(queues.c.queue_name).where(queues.c.queue_name == q_param).cte("queue_row")
+
+_inserted_tasks = (
+    pg_insert(tasks)
+    .from_select(
+        [
+            "task_id",
+            "queue_name",
+            "task_name",
+            "params",
+            "headers",
+            "retry_strategy",
+            "max_attempts",
+            "cancellation",
+            "idempotency_key",
+            "state",
+            "attempts",
+            "last_run_id",
+            "enqueued_at",
+        ],
+        select(
+            _items.c.task_id,
+            _queue_row.c.queue_name,
+            _items.c.task_name,
+            _items.c.params,
+            _items.c.headers,
+            _items.c.retry_strategy,
+            _items.c.max_attempts,
+            _items.c.cancellation,
+            _items.c.idempotency_key,
+            literal("pending", Text),
+            literal(1, Integer),
+            _items.c.run_id,
+            NOW,
+        ).select_from(_items.join(_queue_row, true())),
+    )
+    .on_conflict_do_nothing(
+        index_elements=[tasks.c.queue_name, tasks.c.idempotency_key],
+        index_where=tasks.c.idempotency_key.is_not(None),
+    )
+    .returning(tasks.c.task_id, tasks.c.last_run_id)
+    .cte("inserted_tasks")
+)
+_run_items = _items
+_inserted_runs = (
+    insert(runs)
+    .from_select(
+        ["run_id", "task_id", "queue_name", "attempt", "state", "available_at"],
+        select(
+            _inserted_tasks.c.last_run_id,
+            _inserted_tasks.c.task_id,
+            q_param,
+            literal(1, Integer),
+            literal("pending", Text),
+            func.coalesce(
+                _run_items.c.run_after,
+                NOW
+                + func.make_interval(
+                    0, 0, 0, 0, 0, 0, func.coalesce(_run_items.c.delay_seconds, 0.0)
+                ),
+            ),
+        ).select_from(
+            _inserted_tasks.join(_run_items, _run_items.c.task_id == _inserted_tasks.c.task_id)
+        ),
+    )
+    .returning(runs.c.task_id, runs.c.run_id)
+    .cte("inserted_runs")
+)
+spawn = select(_inserted_runs.c.task_id, _inserted_runs.c.run_id, notify().label("notified"))
+
+existing_by_keys = select(
+    tasks.c.idempotency_key, tasks.c.task_id, tasks.c.last_run_id, tasks.c.attempts
+).where(
+    tasks.c.queue_name == q_param,
+    tasks.c.idempotency_key.in_(bindparam("keys", expanding=True)),
+)
+
+# -- events ------------------------------------------------------------------
+
+_emit_insert = pg_insert(events).from_select(
+    ["queue_name", "event_name", "payload", "emitted_at"],
+    select(
+        _queue_row.c.queue_name, bindparam("event", type_=Text), json_param("payload_json"), NOW
+    ),
+)
+_emitted = (
+    _emit_insert.on_conflict_do_update(
+        index_elements=[events.c.queue_name, events.c.event_name],
+        set_={
+            "payload": _emit_insert.excluded.payload,
+            "emitted_at": _emit_insert.excluded.emitted_at,
+        },
+        # First emit wins: only a waiter's placeholder (emitted_at IS NULL) is filled in.
+        where=events.c.emitted_at.is_(None),
+    )
+    .returning(events.c.event_name)
+    .cte("emitted")
+)
+
+emit_event = select(
+    select(func.count()).select_from(_queue_row).scalar_subquery().label("queue_found"),
+    select(func.count()).select_from(_emitted).scalar_subquery().label("emitted"),
+)
+
+# Second statement of an emit, after the first has taken the event row's lock:
+# a fresh snapshot sees every waiter that committed before us.
+_woken_waits = (
+    delete(waits)
+    .where(waits.c.queue_name == q_param, waits.c.event_name == bindparam("event", type_=Text))
+    .returning(waits.c.run_id, waits.c.task_id, waits.c.step_name)
+    .cte("woken_waits")
+)
+_woken_runs = (
+    update(runs)
+    .where(runs.c.run_id == _woken_waits.c.run_id, runs.c.state == "sleeping")
+    .values(state="pending", available_at=NOW, wake_event=None)
+    .returning(runs.c.run_id, runs.c.task_id)
+    .cte("woken_runs")
+)
+_woken_tasks = (
+    update(tasks)
+    .where(tasks.c.task_id == _woken_runs.c.task_id, tasks.c.state == "sleeping")
+    .values(state="pending")
+    .returning(tasks.c.task_id)
+    .cte("woken_tasks")
+)
+_event_checkpoints = (
+    pg_insert(checkpoints)
+    .from_select(
+        ["task_id", "checkpoint_name", "state", "owner_run_id", "updated_at"],
+        select(
+            _woken_waits.c.task_id,
+            _woken_waits.c.step_name,
+            func.jsonb_build_object("payload", json_param("payload_json")),
+            _woken_waits.c.run_id,
+            NOW,
+        ).select_from(
+            _woken_waits.join(_woken_runs, _woken_runs.c.run_id == _woken_waits.c.run_id)
+        ),
+    )
+    .on_conflict_do_nothing()
+    .returning(checkpoints.c.task_id)
+    .cte("event_checkpoints")
+)
+wake_waiters = select(
+    select(func.count()).select_from(_woken_tasks).scalar_subquery().label("woken"),
+    select(func.count()).select_from(_event_checkpoints).scalar_subquery().label("delivered"),
+    notify().label("notified"),
+)
+
+# -- cancel ------------------------------------------------------------------
+
+t_param = bindparam("task", type_=UUID(as_uuid=True))
+
+_cancelled_runs = (
+    update(runs)
+    .where(runs.c.task_id == t_param, runs.c.queue_name == q_param, runs.c.state.in_(LIVE_STATES))
+    .values(state="cancelled", finished_at=NOW, claimed_by=None, claim_expires_at=None)
+    .returning(runs.c.run_id)
+    .cte("cancelled_runs")
+)
+_cancelled_task = (
+    update(tasks)
+    .where(
+        tasks.c.task_id == t_param,
+        tasks.c.queue_name == q_param,
+        tasks.c.state.not_in(TERMINAL_STATES),
+        # Lock order run -> task everywhere: referencing the runs CTE makes it run first.
+        select(func.count()).select_from(_cancelled_runs).scalar_subquery() >= 0,
+    )
+    .values(state="cancelled", finished_at=NOW)
+    .returning(tasks.c.task_id)
+    .cte("cancelled_task")
+)
+_cancelled_waits = (
+    delete(waits)
+    .where(waits.c.run_id.in_(select(_cancelled_runs.c.run_id)))
+    .returning(waits.c.run_id)
+    .cte("cancelled_waits")
+)
+cancel_task = select(
+    select(tasks.c.state)
+    .where(tasks.c.task_id == t_param, tasks.c.queue_name == q_param)
+    .scalar_subquery()
+    .label("previous_state"),
+    select(func.count()).select_from(_cancelled_task).scalar_subquery().label("cancelled"),
+    select(func.count()).select_from(_cancelled_waits).scalar_subquery().label("waits_removed"),
+)
+
+# -- results -----------------------------------------------------------------
+
+fetch_task_result = (
+    select(tasks.c.state, tasks.c.result, runs.c.failure_reason)
+    .select_from(tasks.outerjoin(runs, runs.c.run_id == tasks.c.last_run_id))
+    .where(tasks.c.task_id == t_param, tasks.c.queue_name == q_param)
+)

@@ -1,0 +1,192 @@
+"""A throwaway local PostgreSQL server for examples and tests.
+
+    with database_url() as url:       # ABSURD_DATABASE_URL if set, else a fresh server
+        app = Absurd(url)
+
+The server is built from the PostgreSQL binaries on the machine (``pg_config
+--bindir``, then ``/usr/lib/postgresql/*/bin``), listens on 127.0.0.1 only, trusts
+local connections, and is deleted on exit. PostgreSQL refuses to run as root, so
+when this process is root the server runs as the ``postgres`` system user (or
+``nobody``) with a data directory owned by it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+__all__ = ["LocalPostgres", "database_url", "find_bindir"]
+
+
+def find_bindir() -> Path:
+    """The directory holding ``initdb`` and ``postgres``."""
+    candidates: list[str] = []
+    if env_dir := os.environ.get("ABSURD_PG_BINDIR"):
+        candidates.append(env_dir)
+    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+    for candidate in candidates:
+        path = Path(candidate)
+        if (path / "initdb").exists() and (path / "postgres").exists():
+            return path
+    raise RuntimeError(
+        "no PostgreSQL server binaries found (initdb/postgres); install the postgresql "
+        "package or set ABSURD_DATABASE_URL to a running server"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    """The account to run the server as, or None to run as ourselves."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise RuntimeError("running as root, and no 'postgres' or 'nobody' user to run PostgreSQL as")
+
+
+class LocalPostgres:
+    """One private PostgreSQL cluster in a temporary directory."""
+
+    def __init__(self, *, bindir: Path | None = None, port: int | None = None) -> None:
+        self.bindir = bindir or find_bindir()
+        self.port = port or _free_port()
+        self._user = _server_user()
+        self._base: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _spawn_args(self) -> dict[str, Any]:
+        """Popen arguments that drop to the server's user when we are root."""
+        if self._user is None:
+            return {}
+        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+
+    def _owned_dir(self, path: Path) -> Path:
+        path.mkdir(mode=0o700)
+        if self._user is not None:
+            os.chown(path, self._user.pw_uid, self._user.pw_gid)
+        return path
+
+    def start(self) -> str:
+        self._base = Path(tempfile.mkdtemp(prefix="absurd-pg-"))
+        self._base.chmod(0o755)  # the server's user must reach its data dir inside
+        data = self._owned_dir(self._base / "data")
+        sockets = self._owned_dir(self._base / "run")
+        subprocess.run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "LC_ALL": "C"},
+            **self._spawn_args(),
+        )
+        log = open(self._base / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
+        self._process = subprocess.Popen(
+            [
+                str(self.bindir / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.port),
+                "-k",
+                str(sockets),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                # A throwaway server: durability off, speed on.
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=200",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            **self._spawn_args(),
+        )
+        atexit.register(self.stop)
+        self._wait_ready()
+        return self.url
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise RuntimeError(f"PostgreSQL exited at start-up; see {self._base}/server.log")
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # polling a starting server; no event to wait on
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGINT)  # fast shutdown: disconnects clients
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+        if self._base is not None:
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def database_url() -> Iterator[str]:
+    """``ABSURD_DATABASE_URL`` when set; otherwise a throwaway local server's URL."""
+    url = os.environ.get("ABSURD_DATABASE_URL")
+    if url:
+        yield url
+        return
+    with LocalPostgres() as local_url:
+        yield local_url
