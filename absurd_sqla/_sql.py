@@ -52,9 +52,12 @@ def json_param(name: str) -> ColumnElement[object]:
     return cast(bindparam(name, type_=Text), JSONB)
 
 
+ONE_SECOND: ColumnElement[object] = literal_column("interval '1 second'")
+
+
 def seconds(name: str) -> ColumnElement[object]:
-    """``make_interval(secs => :name)``."""
-    return func.make_interval(0, 0, 0, 0, 0, 0, bindparam(name, type_=Float))
+    """``CAST(:name AS FLOAT) * interval '1 second'``."""
+    return cast(bindparam(name), Float) * ONE_SECOND
 
 
 def notify(channel_param: str = "channel") -> ColumnElement[object]:
@@ -151,10 +154,7 @@ _inserted_runs = (
             literal("pending", Text),
             func.coalesce(
                 _run_items.c.run_after,
-                NOW
-                + func.make_interval(
-                    0, 0, 0, 0, 0, 0, func.coalesce(_run_items.c.delay_seconds, 0.0)
-                ),
+                NOW + func.coalesce(_run_items.c.delay_seconds, 0.0) * ONE_SECOND,
             ),
         ).select_from(
             _inserted_tasks.join(_run_items, _run_items.c.task_id == _inserted_tasks.c.task_id)
@@ -282,6 +282,10 @@ cancel_task = select(
     .label("previous_state"),
     select(func.count()).select_from(_cancelled_task).scalar_subquery().label("cancelled"),
     select(func.count()).select_from(_cancelled_waits).scalar_subquery().label("waits_removed"),
+    select(tasks.c.headers)
+    .where(tasks.c.task_id == t_param, tasks.c.queue_name == q_param)
+    .scalar_subquery()
+    .label("headers"),
 )
 
 # -- results -----------------------------------------------------------------

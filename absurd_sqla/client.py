@@ -13,10 +13,12 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import _core, _sql
+from . import _sql_worker as sqlw
 from ._app import AppCore, Hooks
 from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot
 from ._engine import Bind, engine_and_sessions
-from .errors import QueueNotFound, TaskNotFound, TimeoutError
+from .errors import InvalidArgument, QueueNotFound, TaskNotFound, TaskStateError, TimeoutError
+from .worker import Worker, announce_done, default_worker_id, work_batch
 
 F = TypeVar("F", bound=Callable[..., Any])
 SessionLike = Session | Connection
@@ -45,7 +47,9 @@ class Absurd:
         self._app = AppCore(queue_name, default_max_attempts, hooks)
         self.engine: Engine
         self.session_factory: sessionmaker[Session]
-        self.engine, self.session_factory = engine_and_sessions(bind)
+        # A URL bind gets a pool big enough for a worker with a few threads.
+        self.engine, self.session_factory = engine_and_sessions(bind, pool_size=10, max_overflow=20)
+        self._workers: list[Worker] = []
 
     @property
     def queue_name(self) -> str:
@@ -162,18 +166,95 @@ class Absurd:
         params = self._app.task_params(task_id, queue_name)
         with self._connection(session) as conn:
             row = conn.execute(_sql.cancel_task, params).one()
+            if row.cancelled:
+                announce_done(self, conn, params["task"], params["queue"], row.headers)
         if row.previous_state is None:
             raise TaskNotFound(f"no task {params['task']} on queue {params['queue']!r}")
         return bool(row.cancelled)
+
+    def retry_task(
+        self,
+        task_id: uuid.UUID | str,
+        *,
+        max_attempts: int | None = None,
+        spawn_new: bool = False,
+        queue_name: str | None = None,
+    ) -> SpawnResult:
+        """Run a failed task again: a new attempt in place, or a new task (``spawn_new``).
+
+        In place, checkpoints are kept, so finished steps are not redone.
+        """
+        params = self._app.task_params(task_id, queue_name)
+        new_max = _core.check_max_attempts(max_attempts)
+        with self._connection(None) as conn:
+            if spawn_new:
+                source = conn.execute(sqlw.task_for_respawn, params).one_or_none()
+                self._check_failed(params, source.state if source else None)
+                assert source is not None
+                return self.spawn(
+                    source.task_name,
+                    source.params,
+                    session=conn,
+                    max_attempts=new_max or source.max_attempts,
+                    retry_strategy=source.retry_strategy,
+                    headers=source.headers,
+                    queue=params["queue"],
+                    cancellation=source.cancellation,
+                )
+            new_run = _core.uuid7()
+            row = conn.execute(
+                sqlw.retry_task,
+                {
+                    **params,
+                    "new_run": new_run,
+                    "max_attempts": new_max,
+                    "channel": _sql.channel_for(params["queue"]),
+                },
+            ).one()
+            self._check_failed(params, row.previous_state)
+        return SpawnResult(params["task"], new_run, row.attempt, False)
+
+    @staticmethod
+    def _check_failed(params: dict[str, Any], state: str | None) -> None:
+        if state is None:
+            raise TaskNotFound(f"no task {params['task']} on queue {params['queue']!r}")
+        if state != "failed":
+            raise TaskStateError(
+                f"only failed tasks can be retried; task {params['task']} is {state}"
+            )
+
+    def cleanup(
+        self,
+        queue: str | None = None,
+        *,
+        older_than: float | timedelta = 7 * 86400,
+        limit: int = 1000,
+    ) -> tuple[int, int]:
+        """Delete up to ``limit`` finished tasks and emitted events older than
+        ``older_than`` seconds. Returns (tasks, events) deleted; call again while
+        either equals ``limit``.
+        """
+        older = _core.check_seconds("older_than", older_than, allow_none=False)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidArgument(f"limit must be a whole number >= 1, got {limit!r}")
+        with self._connection(None) as conn:
+            row = conn.execute(
+                sqlw.cleanup, {"queue": self._app.queue(queue), "older_than": older, "limit": limit}
+            ).one()
+        return int(row.tasks), int(row.events)
 
     def fetch_task_result(
         self, task_id: uuid.UUID | str, queue_name: str | None = None
     ) -> TaskResultSnapshot | None:
         """The task's state now, or None if there is no such task."""
+        params = self._app.task_params(task_id, queue_name)
         with self._connection(None) as conn:
-            row = conn.execute(
-                _sql.fetch_task_result, self._app.task_params(task_id, queue_name)
-            ).one_or_none()
+            return self._fetch_on(conn, params["task"], params["queue"])
+
+    def _fetch_on(
+        self, conn: Connection, task_id: uuid.UUID, queue: str
+    ) -> TaskResultSnapshot | None:
+        row = conn.execute(_sql.fetch_task_result, {"task": task_id, "queue": queue}).one_or_none()
         return self._app.snapshot(row)
 
     def await_task_result(
@@ -225,3 +306,52 @@ class Absurd:
             # committed while we waited for the event row's lock.
             conn.execute(_sql.wake_waiters, params)
         return True
+
+    # -- workers -------------------------------------------------------------
+
+    def work_batch(
+        self,
+        worker_id: str = "worker",
+        claim_timeout: float = 120,
+        batch_size: int = 1,
+        *,
+        queue: str | None = None,
+    ) -> int:
+        """Claim up to ``batch_size`` runs, run each to completion or suspension
+        in this thread, and return how many were claimed."""
+        return work_batch(self, self._app.queue(queue), worker_id, claim_timeout, batch_size)
+
+    def start_worker(
+        self,
+        worker_id: str | None = None,
+        claim_timeout: float = 120,
+        concurrency: int = 1,
+        batch_size: int | None = None,
+        poll_interval: float = 0.25,
+        *,
+        queue: str | None = None,
+    ) -> None:
+        """Run until :meth:`stop_worker`, SIGTERM or SIGINT; in-flight tasks finish.
+
+        May run in a background thread (signal handlers are installed only
+        from the main thread). ``concurrency`` handlers run at once, in threads.
+        """
+        worker = Worker(
+            self,
+            queue=self._app.queue(queue),
+            worker_id=worker_id or default_worker_id(),
+            claim_timeout=claim_timeout,
+            concurrency=concurrency,
+            batch_size=batch_size or concurrency,
+            poll_interval=poll_interval,
+        )
+        self._workers.append(worker)
+        try:
+            worker.run()
+        finally:
+            self._workers.remove(worker)
+
+    def stop_worker(self) -> None:
+        """Ask every worker of this client to stop (from any thread)."""
+        for worker in list(self._workers):
+            worker.stop()

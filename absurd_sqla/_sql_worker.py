@@ -1,0 +1,600 @@
+"""I/O-free Core statements for running tasks: claim, checkpoints, suspension,
+completion, failure, retries and retention. Shared by sync and async workers.
+
+Fencing: every write a running task makes names its ``run_id`` and succeeds
+only while that run is ``running`` with an unexpired lease. A statement that
+finds it otherwise changes nothing and reports the run's state, so the caller
+can tell "cancelled" from "lease lost".
+
+Lock order is run, then task, in every statement that touches both: the task
+update reads the run update's RETURNING rows, so it cannot lock first.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Boolean,
+    Float,
+    Integer,
+    Text,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    literal,
+    null,
+    or_,
+    select,
+    true,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.sql.elements import ColumnElement
+
+from ._sql import INFINITY, NOW, ONE_SECOND, json_param, notify, q_param, seconds
+from .models import CLAIMABLE_STATES, TERMINAL_STATES, checkpoints, events, runs, tasks, waits
+
+run_param = bindparam("run", type_=UUID(as_uuid=True))
+task_param = bindparam("task", type_=UUID(as_uuid=True))
+step_param = bindparam("step", type_=Text)
+
+LEASE_OK = or_(runs.c.claim_expires_at.is_(None), runs.c.claim_expires_at > NOW)
+_owns_run = (runs.c.run_id == run_param, runs.c.state == "running", LEASE_OK)
+
+# A claim_timeout <= 0 means "no expiry"; otherwise now + claim_timeout.
+_fresh_lease = case(
+    (bindparam("claim_timeout", type_=Integer) > 0, NOW + seconds("claim_timeout")),
+    else_=null(),
+)
+# Extending keeps a no-expiry run without expiry.
+_extended_lease = case(
+    (runs.c.claim_expires_at.is_(None), null()), else_=NOW + seconds("claim_timeout")
+)
+
+
+def _count(cte: object) -> ColumnElement[int]:
+    return select(func.count()).select_from(cte).scalar_subquery()  # type: ignore[arg-type]
+
+
+def _run_state() -> ColumnElement[str]:
+    """The run's state as the statement found it (for telling why a write was fenced)."""
+    return select(runs.c.state).where(runs.c.run_id == run_param).scalar_subquery()
+
+
+# -- claim -------------------------------------------------------------------
+
+_candidates = (
+    select(
+        runs.c.run_id,
+        runs.c.available_at,
+        tasks.c.first_started_at.label("prev_first_started_at"),
+    )
+    .join(tasks, tasks.c.task_id == runs.c.task_id)
+    .where(
+        runs.c.queue_name == q_param,
+        runs.c.state.in_(CLAIMABLE_STATES),
+        runs.c.available_at <= NOW,
+    )
+    .order_by(runs.c.available_at)
+    .limit(bindparam("batch_size", type_=Integer))
+    # Claim never waits: a run or task locked by anyone else is skipped.
+    .with_for_update(skip_locked=True, of=[runs, tasks])
+    .cte("candidates")
+)
+_claimed = (
+    update(runs)
+    .where(runs.c.run_id == _candidates.c.run_id)
+    .values(
+        state="running",
+        claimed_by=bindparam("worker", type_=Text),
+        claim_expires_at=_fresh_lease,
+        started_at=func.coalesce(runs.c.started_at, NOW),
+        wake_event=None,
+    )
+    .returning(runs.c.run_id, runs.c.task_id, runs.c.attempt, runs.c.claim_expires_at)
+    .cte("claimed")
+)
+_claimed_tasks = (
+    update(tasks)
+    .where(tasks.c.task_id == _claimed.c.task_id)
+    .values(state="running", first_started_at=func.coalesce(tasks.c.first_started_at, NOW))
+    .returning(
+        tasks.c.task_id,
+        tasks.c.queue_name,
+        tasks.c.task_name,
+        tasks.c.params,
+        tasks.c.headers,
+        tasks.c.retry_strategy,
+        tasks.c.max_attempts,
+        tasks.c.cancellation,
+        tasks.c.enqueued_at,
+        tasks.c.first_started_at,
+    )
+    .cte("claimed_tasks")
+)
+claim = (
+    select(
+        _claimed.c.run_id,
+        _claimed.c.attempt,
+        _claimed.c.claim_expires_at,
+        _claimed_tasks,
+        _candidates.c.prev_first_started_at,
+        NOW.label("now"),
+        # Checkpoints ride along with the claim: no second round trip to replay.
+        select(
+            func.jsonb_object_agg(checkpoints.c.checkpoint_name, checkpoints.c.state, type_=JSONB)
+        )
+        .where(checkpoints.c.task_id == _claimed.c.task_id)
+        .scalar_subquery()
+        .label("checkpoints"),
+    )
+    .select_from(
+        _claimed.join(_claimed_tasks, _claimed_tasks.c.task_id == _claimed.c.task_id).join(
+            _candidates, _candidates.c.run_id == _claimed.c.run_id
+        )
+    )
+    .order_by(_candidates.c.available_at)
+)
+
+# Runs whose lease ran out; the caller fails each one as $ClaimTimeout.
+expired_runs = (
+    select(
+        runs.c.run_id,
+        runs.c.task_id,
+        runs.c.attempt,
+        runs.c.claimed_by,
+        tasks.c.queue_name,
+        tasks.c.max_attempts,
+        tasks.c.retry_strategy,
+        tasks.c.headers,
+    )
+    .join(tasks, tasks.c.task_id == runs.c.task_id)
+    .where(
+        runs.c.queue_name == q_param,
+        runs.c.state == "running",
+        runs.c.claim_expires_at < NOW,
+    )
+    .order_by(runs.c.claim_expires_at)
+    .limit(100)
+    .with_for_update(skip_locked=True, of=[runs, tasks])
+)
+
+# -- checkpoints and leases --------------------------------------------------
+
+_cp_owner = (
+    update(runs)
+    .where(*_owns_run)
+    .values(claim_expires_at=_extended_lease)
+    .returning(runs.c.run_id, runs.c.task_id)
+    .cte("owner")
+)
+_cp_insert = pg_insert(checkpoints).from_select(
+    ["task_id", "checkpoint_name", "state", "owner_run_id", "updated_at"],
+    select(_cp_owner.c.task_id, step_param, json_param("value_json"), _cp_owner.c.run_id, NOW),
+)
+_cp_written = (
+    _cp_insert.on_conflict_do_update(
+        index_elements=[checkpoints.c.task_id, checkpoints.c.checkpoint_name],
+        set_={
+            "state": _cp_insert.excluded.state,
+            "owner_run_id": _cp_insert.excluded.owner_run_id,
+            "updated_at": _cp_insert.excluded.updated_at,
+        },
+    )
+    .returning(checkpoints.c.checkpoint_name)
+    .cte("written")
+)
+write_checkpoint = select(
+    _count(_cp_owner).label("owned"),
+    _count(_cp_written).label("written"),
+    _run_state().label("run_state"),
+    NOW.label("now"),
+)
+
+_hb_owner = (
+    update(runs)
+    .where(*_owns_run)
+    .values(claim_expires_at=_extended_lease)
+    .returning(runs.c.run_id, runs.c.claim_expires_at)
+    .cte("owner")
+)
+heartbeat = select(
+    _count(_hb_owner).label("owned"),
+    _run_state().label("run_state"),
+    select(_hb_owner.c.claim_expires_at).scalar_subquery().label("claim_expires_at"),
+    NOW.label("now"),
+)
+
+# -- suspension ----------------------------------------------------------------
+
+_owner_locked = (
+    select(runs.c.run_id, runs.c.task_id).where(*_owns_run).with_for_update().cte("owner")
+)
+
+
+def _suspend_or_extend(should_suspend: ColumnElement[bool], wake_at: ColumnElement[object]):  # type: ignore[no-untyped-def]
+    """SET values that either suspend the run until ``wake_at`` or extend its lease."""
+    return {
+        "state": case((should_suspend, "sleeping"), else_="running"),
+        "available_at": case((should_suspend, wake_at), else_=runs.c.available_at),
+        "claimed_by": case((should_suspend, null()), else_=runs.c.claimed_by),
+        "claim_expires_at": case((should_suspend, null()), else_=_extended_lease),
+    }
+
+
+_wake = (
+    select(
+        _owner_locked.c.run_id,
+        _owner_locked.c.task_id,
+        func.coalesce(
+            bindparam("wake_at", type_=TIMESTAMP(timezone=True)), NOW + seconds("seconds")
+        ).label("wake_at"),
+        NOW.label("now"),
+    )
+    .select_from(_owner_locked)
+    .cte("wake")
+)
+_sleep_cp = (
+    pg_insert(checkpoints)
+    .from_select(
+        ["task_id", "checkpoint_name", "state", "owner_run_id", "updated_at"],
+        select(_wake.c.task_id, step_param, func.to_jsonb(_wake.c.wake_at), _wake.c.run_id, NOW),
+    )
+    .on_conflict_do_nothing()
+    .returning(checkpoints.c.checkpoint_name)
+    .cte("sleep_checkpoint")
+)
+_sleep_run = (
+    update(runs)
+    .where(runs.c.run_id == _wake.c.run_id)
+    .values(_suspend_or_extend(_wake.c.wake_at > _wake.c.now, _wake.c.wake_at))
+    .returning(runs.c.task_id, runs.c.state)
+    .cte("sleep_run")
+)
+_sleep_task = (
+    update(tasks)
+    .where(tasks.c.task_id == _sleep_run.c.task_id, _sleep_run.c.state == "sleeping")
+    .values(state="sleeping")
+    .returning(tasks.c.task_id)
+    .cte("sleep_task")
+)
+sleep = select(
+    _count(_owner_locked).label("owned"),
+    _run_state().label("run_state"),
+    select(_wake.c.wake_at).scalar_subquery().label("wake_at"),
+    _count(_sleep_task).label("suspended"),
+    _count(_sleep_cp).label("checkpointed"),
+)
+
+# await_event: lock the event row (inserting a placeholder if needed) so that an
+# emit either committed before us (we see it) or waits for our commit (and then
+# sees our wait row). Emitted -> checkpoint the payload; timed out -> checkpoint
+# the timeout; otherwise -> suspend until emit or timeout.
+_event_queue = bindparam("event_queue", type_=Text)
+_event_name = bindparam("event", type_=Text)
+_event_row = pg_insert(events).from_select(
+    ["queue_name", "event_name"],
+    select(_event_queue, _event_name).select_from(_owner_locked),
+)
+_event_locked = (
+    _event_row.on_conflict_do_update(
+        index_elements=[events.c.queue_name, events.c.event_name],
+        set_={"event_name": _event_row.excluded.event_name},
+    )
+    .returning(events.c.payload, events.c.emitted_at)
+    .cte("event_row")
+)
+_prior_deadline = (
+    select(waits.c.timeout_at)
+    .where(waits.c.run_id == run_param, waits.c.step_name == step_param)
+    .scalar_subquery()
+)
+_timeout_seconds = cast(bindparam("timeout_seconds"), Float)
+_decision = (
+    select(
+        _owner_locked.c.run_id,
+        _owner_locked.c.task_id,
+        _event_locked.c.payload,
+        _event_locked.c.emitted_at.is_not(None).label("emitted"),
+        case(
+            (_timeout_seconds.is_(None), null()),
+            else_=func.coalesce(_prior_deadline, NOW + _timeout_seconds * ONE_SECOND),
+        ).label("deadline"),
+        NOW.label("now"),
+    )
+    .select_from(_owner_locked.join(_event_locked, true()))
+    .cte("decision_base")
+)
+_outcome = select(
+    _decision.c.run_id,
+    _decision.c.task_id,
+    _decision.c.payload,
+    _decision.c.emitted,
+    _decision.c.deadline,
+    (~_decision.c.emitted & (_decision.c.deadline <= _decision.c.now)).is_(True).label("timed_out"),
+).cte("decision")
+_resolved = or_(_outcome.c.emitted, _outcome.c.timed_out)
+_await_cp = (
+    pg_insert(checkpoints)
+    .from_select(
+        ["task_id", "checkpoint_name", "state", "owner_run_id", "updated_at"],
+        select(
+            _outcome.c.task_id,
+            step_param,
+            case(
+                (_outcome.c.emitted, func.jsonb_build_object("payload", _outcome.c.payload)),
+                else_=func.jsonb_build_object("timeout", True),
+            ),
+            _outcome.c.run_id,
+            NOW,
+        ).where(_resolved),
+    )
+    .on_conflict_do_nothing()
+    .returning(checkpoints.c.checkpoint_name)
+    .cte("await_checkpoint")
+)
+_wait_insert = pg_insert(waits).from_select(
+    ["run_id", "task_id", "queue_name", "event_name", "step_name", "timeout_at"],
+    select(
+        _outcome.c.run_id,
+        _outcome.c.task_id,
+        _event_queue,
+        _event_name,
+        step_param,
+        _outcome.c.deadline,
+    ).where(~_resolved),
+)
+_wait_row = (
+    _wait_insert.on_conflict_do_update(
+        index_elements=[waits.c.run_id],
+        set_={
+            "queue_name": _wait_insert.excluded.queue_name,
+            "event_name": _wait_insert.excluded.event_name,
+            "step_name": _wait_insert.excluded.step_name,
+            "timeout_at": _wait_insert.excluded.timeout_at,
+        },
+    )
+    .returning(waits.c.run_id)
+    .cte("wait_row")
+)
+_wait_done = (
+    delete(waits)
+    .where(waits.c.run_id == _outcome.c.run_id, _resolved)
+    .returning(waits.c.run_id)
+    .cte("wait_done")
+)
+_await_run = (
+    update(runs)
+    .where(runs.c.run_id == _outcome.c.run_id)
+    .values(
+        **_suspend_or_extend(~_resolved, func.coalesce(_outcome.c.deadline, INFINITY)),
+        wake_event=case((~_resolved, _event_name), else_=null()),
+    )
+    .returning(runs.c.task_id, runs.c.state)
+    .cte("await_run")
+)
+_await_task = (
+    update(tasks)
+    .where(tasks.c.task_id == _await_run.c.task_id, _await_run.c.state == "sleeping")
+    .values(state="sleeping")
+    .returning(tasks.c.task_id)
+    .cte("await_task")
+)
+await_event = select(
+    _count(_owner_locked).label("owned"),
+    _run_state().label("run_state"),
+    select(_outcome.c.emitted).scalar_subquery().label("emitted"),
+    select(_outcome.c.timed_out).scalar_subquery().label("timed_out"),
+    select(_outcome.c.payload).scalar_subquery().label("payload"),
+    _count(_await_task).label("suspended"),
+    _count(_await_cp).label("checkpointed"),
+    _count(_wait_row).label("waiting"),
+    _count(_wait_done).label("wait_cleared"),
+)
+
+# A task whose name this worker does not know: hand the run back for later.
+_deferred = (
+    update(runs)
+    .where(runs.c.run_id == run_param, runs.c.state == "running")
+    .values(
+        state="pending",
+        available_at=NOW + seconds("delay"),
+        claimed_by=None,
+        claim_expires_at=None,
+    )
+    .returning(runs.c.task_id)
+    .cte("deferred")
+)
+_deferred_task = (
+    update(tasks)
+    .where(tasks.c.task_id == _deferred.c.task_id, tasks.c.state == "running")
+    .values(state="pending")
+    .returning(tasks.c.task_id)
+    .cte("deferred_task")
+)
+defer_run = select(_count(_deferred).label("deferred"), _count(_deferred_task).label("tasks"))
+
+# -- finishing ---------------------------------------------------------------
+
+_completed = (
+    update(runs)
+    .where(*_owns_run)
+    .values(
+        state="completed",
+        result=json_param("result_json"),
+        finished_at=NOW,
+        claimed_by=None,
+        claim_expires_at=None,
+    )
+    .returning(runs.c.task_id)
+    .cte("completed")
+)
+_completed_task = (
+    update(tasks)
+    .where(tasks.c.task_id == _completed.c.task_id)
+    .values(state="completed", result=json_param("result_json"), finished_at=NOW)
+    .returning(tasks.c.task_id)
+    .cte("completed_task")
+)
+complete_run = select(
+    _count(_completed).label("owned"),
+    _count(_completed_task).label("tasks"),
+    _run_state().label("run_state"),
+)
+
+_retry = bindparam("retry", type_=Boolean)
+_new_run = bindparam("new_run", type_=UUID(as_uuid=True))
+_failed = (
+    update(runs)
+    .where(
+        runs.c.run_id == run_param,
+        runs.c.state == "running",
+        # The owner must hold its lease; the expiry sweep fails runs that lost it.
+        or_(~bindparam("require_lease", type_=Boolean), LEASE_OK),
+    )
+    .values(
+        state="failed",
+        failure_reason=json_param("reason_json"),
+        finished_at=NOW,
+        claimed_by=None,
+        claim_expires_at=None,
+    )
+    .returning(runs.c.run_id, runs.c.task_id, runs.c.attempt, runs.c.queue_name)
+    .cte("failed_run")
+)
+_retry_run = (
+    insert(runs)
+    .from_select(
+        ["run_id", "task_id", "queue_name", "attempt", "state", "available_at"],
+        select(
+            _new_run,
+            _failed.c.task_id,
+            _failed.c.queue_name,
+            _failed.c.attempt + 1,
+            literal("pending", Text),
+            NOW + seconds("delay"),
+        ).where(_retry),
+    )
+    .returning(runs.c.run_id)
+    .cte("retry_run")
+)
+_failed_task = (
+    update(tasks)
+    .where(tasks.c.task_id == _failed.c.task_id, tasks.c.state.not_in(TERMINAL_STATES))
+    .values(
+        state=case((_retry, "pending"), else_="failed"),
+        attempts=case((_retry, _failed.c.attempt + 1), else_=tasks.c.attempts),
+        last_run_id=case((_retry, _new_run), else_=tasks.c.last_run_id),
+        finished_at=case((_retry, null()), else_=NOW),
+    )
+    .returning(tasks.c.task_id)
+    .cte("failed_task")
+)
+_failed_waits = (
+    delete(waits)
+    .where(waits.c.run_id.in_(select(_failed.c.run_id)))
+    .returning(waits.c.run_id)
+    .cte("failed_waits")
+)
+fail_run = select(
+    _count(_failed).label("owned"),
+    _count(_retry_run).label("retried"),
+    _count(_failed_task).label("tasks"),
+    _count(_failed_waits).label("waits_removed"),
+    _run_state().label("run_state"),
+    notify().label("notified"),
+)
+
+# -- retry_task (client) ------------------------------------------------------
+
+_retry_source = (
+    select(tasks.c.task_id, tasks.c.attempts)
+    .where(tasks.c.task_id == task_param, tasks.c.queue_name == q_param, tasks.c.state == "failed")
+    .with_for_update()
+    .cte("retry_source")
+)
+_manual_run = (
+    insert(runs)
+    .from_select(
+        ["run_id", "task_id", "queue_name", "attempt", "state", "available_at"],
+        select(
+            _new_run,
+            _retry_source.c.task_id,
+            q_param,
+            _retry_source.c.attempts + 1,
+            literal("pending", Text),
+            NOW,
+        ),
+    )
+    .returning(runs.c.run_id, runs.c.attempt)
+    .cte("manual_run")
+)
+_manual_task = (
+    update(tasks)
+    .where(tasks.c.task_id == _retry_source.c.task_id)
+    .values(
+        state="pending",
+        attempts=_retry_source.c.attempts + 1,
+        last_run_id=_new_run,
+        finished_at=None,
+        result=None,
+        max_attempts=func.coalesce(bindparam("max_attempts", type_=Integer), tasks.c.max_attempts),
+    )
+    .returning(tasks.c.task_id)
+    .cte("manual_task")
+)
+retry_task = select(
+    select(tasks.c.state)
+    .where(tasks.c.task_id == task_param, tasks.c.queue_name == q_param)
+    .scalar_subquery()
+    .label("previous_state"),
+    select(_manual_run.c.attempt).scalar_subquery().label("attempt"),
+    _count(_manual_task).label("tasks"),
+    notify().label("notified"),
+)
+
+task_for_respawn = select(
+    tasks.c.task_name,
+    tasks.c.params,
+    tasks.c.headers,
+    tasks.c.retry_strategy,
+    tasks.c.max_attempts,
+    tasks.c.cancellation,
+    tasks.c.state,
+).where(tasks.c.task_id == task_param, tasks.c.queue_name == q_param)
+
+# -- retention ---------------------------------------------------------------
+
+_cutoff = NOW - seconds("older_than")
+_old_tasks = (
+    select(tasks.c.task_id)
+    .where(
+        tasks.c.queue_name == q_param,
+        tasks.c.state.in_(TERMINAL_STATES),
+        tasks.c.finished_at < _cutoff,
+    )
+    .limit(bindparam("limit", type_=Integer))
+    .cte("old_tasks")
+)
+_deleted_tasks = (
+    delete(tasks)
+    .where(tasks.c.task_id.in_(select(_old_tasks.c.task_id)))
+    .returning(tasks.c.task_id)
+    .cte("deleted_tasks")
+)
+_old_events = (
+    select(events.c.event_name)
+    .where(events.c.queue_name == q_param, events.c.emitted_at < _cutoff)
+    .limit(bindparam("limit", type_=Integer))
+    .cte("old_events")
+)
+_deleted_events = (
+    delete(events)
+    .where(events.c.queue_name == q_param, events.c.event_name.in_(select(_old_events)))
+    .returning(events.c.event_name)
+    .cte("deleted_events")
+)
+cleanup = select(_count(_deleted_tasks).label("tasks"), _count(_deleted_events).label("events"))
