@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 
 from absurd_sqla import Absurd, migrate
 from absurd_sqla.localpg import LocalPostgres
+from absurd_sqla.testing import FakeClock
 from tests.support import create_business_tables
 
 
@@ -93,3 +94,11 @@ def app(clean_db: Engine) -> Absurd:
     absurd = Absurd(clean_db)
     absurd.create_queue()
     return absurd
+
+
+@pytest.fixture
+def clock(clean_db: Engine) -> Iterator[FakeClock]:
+    """The database clock, frozen at the real time and moved by the test."""
+    fake = FakeClock(clean_db)
+    yield fake
+    fake.close()

@@ -24,6 +24,9 @@ depends_on: str | Sequence[str] | None = None
 SCHEMA = "absurd"
 NOW = sa.text("absurd.now()")
 TS = pg.TIMESTAMP(timezone=True)
+# Every name is wrapped in op.f(): final as written. Otherwise Alembic applies the
+# naming convention of whatever target_metadata the running env.py has (ours turns
+# "ck_tasks_state" into "ck_tasks_ck_tasks_state"; an app's may differ again).
 STATES = "state IN ('pending', 'running', 'sleeping', 'completed', 'failed', 'cancelled')"
 
 
@@ -42,7 +45,7 @@ def upgrade() -> None:
         "queues",
         sa.Column("queue_name", sa.Text(), nullable=False),
         sa.Column("created_at", TS, server_default=NOW, nullable=False),
-        sa.PrimaryKeyConstraint("queue_name", name="pk_queues"),
+        sa.PrimaryKeyConstraint("queue_name", name=op.f("pk_queues")),
         schema=SCHEMA,
     )
     op.create_table(
@@ -63,23 +66,23 @@ def upgrade() -> None:
         sa.Column("enqueued_at", TS, server_default=NOW, nullable=False),
         sa.Column("first_started_at", TS, nullable=True),
         sa.Column("finished_at", TS, nullable=True),
-        sa.CheckConstraint(STATES, name="ck_tasks_state"),
-        sa.CheckConstraint("attempts >= 0", name="ck_tasks_attempts"),
+        sa.CheckConstraint(STATES, name=op.f("ck_tasks_state")),
+        sa.CheckConstraint("attempts >= 0", name=op.f("ck_tasks_attempts")),
         sa.CheckConstraint(
-            "max_attempts IS NULL OR max_attempts >= 1", name="ck_tasks_max_attempts"
+            "max_attempts IS NULL OR max_attempts >= 1", name=op.f("ck_tasks_max_attempts")
         ),
         sa.ForeignKeyConstraint(
             ["queue_name"],
             ["absurd.queues.queue_name"],
-            name="fk_tasks_queue_name_queues",
+            name=op.f("fk_tasks_queue_name_queues"),
             ondelete="CASCADE",
             onupdate="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("task_id", name="pk_tasks"),
+        sa.PrimaryKeyConstraint("task_id", name=op.f("pk_tasks")),
         schema=SCHEMA,
     )
     op.create_index(
-        "ix_tasks_queue_name_idempotency_key",
+        op.f("ix_tasks_queue_name_idempotency_key"),
         "tasks",
         ["queue_name", "idempotency_key"],
         unique=True,
@@ -87,7 +90,7 @@ def upgrade() -> None:
         postgresql_where=sa.text("idempotency_key IS NOT NULL"),
     )
     op.create_index(
-        "ix_tasks_finished",
+        op.f("ix_tasks_finished"),
         "tasks",
         ["queue_name", "finished_at"],
         schema=SCHEMA,
@@ -109,23 +112,26 @@ def upgrade() -> None:
         sa.Column("created_at", TS, server_default=NOW, nullable=False),
         sa.Column("started_at", TS, nullable=True),
         sa.Column("finished_at", TS, nullable=True),
-        sa.CheckConstraint(STATES, name="ck_runs_state"),
+        sa.CheckConstraint(STATES, name=op.f("ck_runs_state")),
         sa.ForeignKeyConstraint(
-            ["task_id"], ["absurd.tasks.task_id"], name="fk_runs_task_id_tasks", ondelete="CASCADE"
+            ["task_id"],
+            ["absurd.tasks.task_id"],
+            name=op.f("fk_runs_task_id_tasks"),
+            ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("run_id", name="pk_runs"),
-        sa.UniqueConstraint("task_id", "attempt", name="uq_runs_task_id_attempt"),
+        sa.PrimaryKeyConstraint("run_id", name=op.f("pk_runs")),
+        sa.UniqueConstraint("task_id", "attempt", name=op.f("uq_runs_task_id_attempt")),
         schema=SCHEMA,
     )
     op.create_index(
-        "ix_runs_claim",
+        op.f("ix_runs_claim"),
         "runs",
         ["queue_name", "available_at"],
         schema=SCHEMA,
         postgresql_where=sa.text("state IN ('pending', 'sleeping')"),
     )
     op.create_index(
-        "ix_runs_lease",
+        op.f("ix_runs_lease"),
         "runs",
         ["queue_name", "claim_expires_at"],
         schema=SCHEMA,
@@ -141,10 +147,10 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["task_id"],
             ["absurd.tasks.task_id"],
-            name="fk_checkpoints_task_id_tasks",
+            name=op.f("fk_checkpoints_task_id_tasks"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("task_id", "checkpoint_name", name="pk_checkpoints"),
+        sa.PrimaryKeyConstraint("task_id", "checkpoint_name", name=op.f("pk_checkpoints")),
         schema=SCHEMA,
     )
     op.create_table(
@@ -157,15 +163,15 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(
             ["queue_name"],
             ["absurd.queues.queue_name"],
-            name="fk_events_queue_name_queues",
+            name=op.f("fk_events_queue_name_queues"),
             ondelete="CASCADE",
             onupdate="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("queue_name", "event_name", name="pk_events"),
+        sa.PrimaryKeyConstraint("queue_name", "event_name", name=op.f("pk_events")),
         schema=SCHEMA,
     )
     op.create_index(
-        "ix_events_emitted",
+        op.f("ix_events_emitted"),
         "events",
         ["queue_name", "emitted_at"],
         schema=SCHEMA,
@@ -181,16 +187,22 @@ def upgrade() -> None:
         sa.Column("timeout_at", TS, nullable=True),
         sa.Column("created_at", TS, server_default=NOW, nullable=False),
         sa.ForeignKeyConstraint(
-            ["run_id"], ["absurd.runs.run_id"], name="fk_waits_run_id_runs", ondelete="CASCADE"
+            ["run_id"],
+            ["absurd.runs.run_id"],
+            name=op.f("fk_waits_run_id_runs"),
+            ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(
-            ["task_id"], ["absurd.tasks.task_id"], name="fk_waits_task_id_tasks", ondelete="CASCADE"
+            ["task_id"],
+            ["absurd.tasks.task_id"],
+            name=op.f("fk_waits_task_id_tasks"),
+            ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("run_id", name="pk_waits"),
+        sa.PrimaryKeyConstraint("run_id", name=op.f("pk_waits")),
         schema=SCHEMA,
     )
     op.create_index(
-        "ix_waits_queue_name_event_name", "waits", ["queue_name", "event_name"], schema=SCHEMA
+        op.f("ix_waits_queue_name_event_name"), "waits", ["queue_name", "event_name"], schema=SCHEMA
     )
 
 
