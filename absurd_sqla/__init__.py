@@ -2,7 +2,9 @@
 
 from ._app import Hooks
 from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot, uuid7
+from ._run import StepHandle
 from .client import Absurd
+from .context import TaskContext
 from .errors import (
     AbsurdError,
     CancelledTask,
@@ -31,8 +33,10 @@ __all__ = [
     "QueueNotFound",
     "SpawnRequest",
     "SpawnResult",
+    "StepHandle",
     "SuspendTask",
     "TaskNotFound",
+    "TaskContext",
     "TaskResultSnapshot",
     "TaskSignal",
     "TaskStateError",

@@ -122,6 +122,12 @@ class AppCore:
         return list(grouped.values())
 
     @staticmethod
+    def check_queues_exist(batches: Sequence[SpawnBatch], found: Iterable[str]) -> None:
+        missing = sorted({batch.queue for batch in batches} - set(found))
+        if missing:
+            raise QueueNotFound(f"queue {missing[0]!r} does not exist; create_queue() it first")
+
+    @staticmethod
     def spawn_results(
         batch: SpawnBatch,
         inserted: Sequence[Any],

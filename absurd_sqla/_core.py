@@ -21,8 +21,12 @@ from .errors import InvalidArgument, InvalidQueueName, NotSerializable
 JSON = Any
 TaskState = Literal["pending", "running", "sleeping", "completed", "failed", "cancelled"]
 
-QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,55}$")
+QUEUE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,55}")
 MAX_NAME_LENGTH = 255
+MAX_SECONDS = 100 * 365 * 86400  # longer delays overflow nothing but mean a bug
+MAX_INT = 2**31 - 1  # INTEGER columns
+# An escaped NUL that is not itself an escaped backslash: jsonb cannot store it.
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 # -- ids -------------------------------------------------------------------
@@ -56,7 +60,7 @@ def uuid7() -> uuid.UUID:
 
 
 def check_queue_name(name: object) -> str:
-    if not isinstance(name, str) or not QUEUE_NAME_RE.match(name):
+    if not isinstance(name, str) or not QUEUE_NAME_RE.fullmatch(name):
         raise InvalidQueueName(
             f"invalid queue name {name!r}: use 1-56 characters from A-Z a-z 0-9 _ . - "
             "starting with a letter or digit"
@@ -65,8 +69,10 @@ def check_queue_name(name: object) -> str:
 
 
 def check_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH:
-        raise InvalidArgument(f"{kind} must be a non-empty string of at most 255 characters")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or "\x00" in name:
+        raise InvalidArgument(
+            f"{kind} must be a non-empty string of at most 255 characters without NUL"
+        )
     return name
 
 
@@ -74,11 +80,13 @@ def check_seconds(kind: str, value: object, *, allow_none: bool = True) -> float
     if value is None and allow_none:
         return None
     if isinstance(value, timedelta):
-        value = value.total_seconds()
+        value = value.total_seconds()  # timedelta.max is finite, caught below
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidArgument(f"{kind} must be a number of seconds, got {value!r}")
     if value < 0:
         raise InvalidArgument(f"{kind} must not be negative, got {value!r}")
+    if value > MAX_SECONDS:
+        raise InvalidArgument(f"{kind} must be at most {MAX_SECONDS} seconds (100 years)")
     return float(value)
 
 
@@ -91,17 +99,28 @@ def check_aware(kind: str, when: datetime) -> datetime:
 def check_max_attempts(value: object) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"max_attempts must be a whole number >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT:
+        raise InvalidArgument(
+            f"max_attempts must be a whole number from 1 to {MAX_INT}, got {value!r}"
+        )
     return value
 
 
 def encode_json(kind: str, value: object) -> str:
-    """Serialise once, here, so bad values fail before any statement runs."""
+    """Serialise once, here, so bad values fail before any statement runs.
+
+    Also refuses what JSON allows but ``jsonb`` cannot store: NUL characters and
+    lone surrogates (which would otherwise fail inside Postgres and abort the
+    caller's transaction).
+    """
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        text.encode("utf-8")
+    except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise NotSerializable(f"{kind} is not JSON-serialisable: {exc}") from exc
+    if _JSON_NUL.search(text):
+        raise NotSerializable(f"{kind} contains a NUL character, which jsonb cannot store")
+    return text
 
 
 RETRY_KINDS = ("fixed", "exponential", "none")

@@ -18,7 +18,6 @@ from sqlalchemy import (
     cast,
     column,
     delete,
-    exists,
     func,
     insert,
     literal,
@@ -76,7 +75,9 @@ q_param = bindparam("queue", type_=Text)
 create_queue = pg_insert(queues).values(queue_name=q_param).on_conflict_do_nothing()
 drop_queue = delete(queues).where(queues.c.queue_name == q_param).returning(queues.c.queue_name)
 list_queues = select(queues.c.queue_name).order_by(queues.c.queue_name)
-queue_exists = select(exists().where(queues.c.queue_name == q_param))
+existing_queues = select(queues.c.queue_name).where(
+    queues.c.queue_name.in_(bindparam("queues", expanding=True))
+)
 
 # -- spawn -------------------------------------------------------------------
 

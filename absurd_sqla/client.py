@@ -142,6 +142,12 @@ class Absurd:
         batches = self._app.spawn_batches(requests)
         results: list[tuple[int, SpawnResult]] = []
         with self._connection(session) as conn:
+            if len(batches) > 1:
+                # One missing queue must fail the call before any batch is written.
+                self._app.check_queues_exist(
+                    batches,
+                    conn.scalars(_sql.existing_queues, {"queues": [b.queue for b in batches]}),
+                )
             for batch in batches:
                 inserted = conn.execute(_sql.spawn, batch.params).all()
                 existing: Sequence[Any] = ()

@@ -7,6 +7,7 @@ With ABSURD_DATABASE_URL unset it starts a throwaway PostgreSQL of its own.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from sqlalchemy import String, create_engine
@@ -63,8 +64,9 @@ def main() -> None:
             order = Order(email="ada@example.com", amount=4200)
             session.add(order)
             session.flush()
-            spawned = app.spawn("charge-order", {"order_id": order.id}, session=session)
-        print(f"order {order.id} saved with task {spawned.task_id}")
+            order_id = order.id
+            spawned = app.spawn("charge-order", {"order_id": order_id}, session=session)
+        print(f"order {order_id} saved with task {spawned.task_id}")
 
         # A rolled-back order leaves no task behind.
         with sessions() as session:
@@ -72,9 +74,12 @@ def main() -> None:
             app.spawn("charge-order", {"order_id": -1}, session=session)
             session.rollback()
 
-        app.work_until_idle()
-        result = app.fetch_task_result(spawned.task_id)
-        assert result is not None
+        # A worker in a background thread; in production: its own process.
+        worker = threading.Thread(target=app.start_worker, kwargs={"concurrency": 2})
+        worker.start()
+        result = app.await_task_result(spawned.task_id, timeout=30)
+        app.stop_worker()
+        worker.join()
         print(f"task {result.state}: {result.result}")
         with sessions() as session:
             print(f"orders: {[(o.id, o.status) for o in session.query(Order).order_by(Order.id)]}")
