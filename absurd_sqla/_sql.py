@@ -43,7 +43,6 @@ from .models import (
 LIVE_STATES = ("pending", "running", "sleeping")
 
 NOW: ColumnElement[datetime] = func.absurd.now(type_=TIMESTAMP(timezone=True))
-INFINITY = literal_column("'infinity'::timestamptz", TIMESTAMP(timezone=True))
 
 
 def json_param(name: str) -> ColumnElement[object]:

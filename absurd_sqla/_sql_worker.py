@@ -34,7 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
 
-from ._sql import INFINITY, NOW, ONE_SECOND, json_param, notify, q_param, seconds
+from ._sql import NOW, ONE_SECOND, json_param, notify, q_param, seconds
 from .models import CLAIMABLE_STATES, TERMINAL_STATES, checkpoints, events, runs, tasks, waits
 
 run_param = bindparam("run", type_=UUID(as_uuid=True))
@@ -370,7 +370,8 @@ _await_run = (
     update(runs)
     .where(runs.c.run_id == _outcome.c.run_id)
     .values(
-        **_suspend_or_extend(~_resolved, func.coalesce(_outcome.c.deadline, INFINITY)),
+        # No timeout: available_at NULL, so only an emit makes the run claimable.
+        **_suspend_or_extend(~_resolved, _outcome.c.deadline),
         wake_event=case((~_resolved, _event_name), else_=null()),
     )
     .returning(runs.c.task_id, runs.c.state)

@@ -148,7 +148,8 @@ class Run(Base):
     state: Mapped[str] = mapped_column(server_default="pending")
     claimed_by: Mapped[str | None]
     claim_expires_at: Mapped[datetime | None]
-    available_at: Mapped[datetime] = mapped_column(server_default=_NOW)
+    # NULL while waiting for an event without a timeout: never claimable by time.
+    available_at: Mapped[datetime | None] = mapped_column(server_default=_NOW)
     wake_event: Mapped[str | None]
     result: Mapped[dict[str, Any] | None]
     failure_reason: Mapped[dict[str, Any] | None]

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from sqlalchemy import Connection
+from sqlalchemy.pool import QueuePool
 
 from . import _sql_worker as sqlw
 from ._run import (
@@ -241,7 +242,22 @@ class Worker:
             log.error("worker slot crashed", exc_info=exc)
         self._wake.set()
 
+    def _check_pool(self) -> None:
+        """Each handler thread holds a connection per step, plus the claim loop's own."""
+        pool = self.app.engine.pool
+        if isinstance(pool, QueuePool):
+            capacity = pool.size() + max(pool._max_overflow, 0)  # no public getter
+            if capacity < self.concurrency + 1:
+                log.warning(
+                    "the engine's pool allows %d connections but concurrency=%d needs %d; "
+                    "handlers will wait for connections (raise pool_size/max_overflow)",
+                    capacity,
+                    self.concurrency,
+                    self.concurrency + 1,
+                )
+
     def run(self) -> None:
+        self._check_pool()
         url = self.app.engine.url.set(drivername="postgresql")
         listener = Listener(
             url.render_as_string(hide_password=False), channel_for(self.queue), self._wake

@@ -252,6 +252,8 @@ def test_await_suspends_and_emit_wakes_with_payload(app: Absurd) -> None:
     with app.engine.connect() as conn:
         wait = conn.execute(select(waits)).one()
     assert (wait.event_name, wait.step_name, wait.timeout_at) == ("go", "wait-go", None)
+    (waiting_run,) = runs_of(app.engine, spawned.task_id)  # readable: no 'infinity'
+    assert waiting_run.state == "sleeping" and waiting_run.available_at is None
     assert app.emit_event("go", None) is True  # a null payload still counts
     assert checkpoint_names(app.engine, spawned.task_id) == {"wait-go": {"payload": None}}
     run_until_idle(app)

@@ -105,7 +105,7 @@ def upgrade() -> None:
         sa.Column("state", sa.Text(), server_default="pending", nullable=False),
         sa.Column("claimed_by", sa.Text(), nullable=True),
         sa.Column("claim_expires_at", TS, nullable=True),
-        sa.Column("available_at", TS, server_default=NOW, nullable=False),
+        sa.Column("available_at", TS, server_default=NOW, nullable=True),
         sa.Column("wake_event", sa.Text(), nullable=True),
         sa.Column("result", pg.JSONB(), nullable=True),
         sa.Column("failure_reason", pg.JSONB(), nullable=True),
