@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import CTE
 
 from .models import (
     TERMINAL_STATES,
@@ -61,6 +62,21 @@ def seconds(name: str) -> ColumnElement[object]:
 def notify(channel_param: str = "channel") -> ColumnElement[object]:
     """``pg_notify(:channel, '')``: delivered only if the transaction commits."""
     return func.pg_notify(bindparam(channel_param, type_=Text), literal("", Text))
+
+
+def count_of(cte: CTE) -> ColumnElement[int]:
+    """``(SELECT count(*) FROM cte)``: also forces a data-modifying CTE to run."""
+    return select(func.count()).select_from(cte).scalar_subquery()
+
+
+def delete_waits_of(run_ids: CTE, name: str) -> CTE:
+    """A CTE deleting the event waits of the runs listed in ``run_ids.c.run_id``."""
+    return (
+        delete(waits)
+        .where(waits.c.run_id.in_(select(run_ids.c.run_id)))
+        .returning(waits.c.run_id)
+        .cte(name)
+    )
 
 
 def channel_for(queue_name: str) -> str:
@@ -195,8 +211,8 @@ _emitted = (
 )
 
 emit_event = select(
-    select(func.count()).select_from(_queue_row).scalar_subquery().label("queue_found"),
-    select(func.count()).select_from(_emitted).scalar_subquery().label("emitted"),
+    count_of(_queue_row).label("queue_found"),
+    count_of(_emitted).label("emitted"),
 )
 
 # Second statement of an emit, after the first has taken the event row's lock:
@@ -240,8 +256,8 @@ _event_checkpoints = (
     .cte("event_checkpoints")
 )
 wake_waiters = select(
-    select(func.count()).select_from(_woken_tasks).scalar_subquery().label("woken"),
-    select(func.count()).select_from(_event_checkpoints).scalar_subquery().label("delivered"),
+    count_of(_woken_tasks).label("woken"),
+    count_of(_event_checkpoints).label("delivered"),
     notify().label("notified"),
 )
 
@@ -263,25 +279,20 @@ _cancelled_task = (
         tasks.c.queue_name == q_param,
         tasks.c.state.not_in(TERMINAL_STATES),
         # Lock order run -> task everywhere: referencing the runs CTE makes it run first.
-        select(func.count()).select_from(_cancelled_runs).scalar_subquery() >= 0,
+        count_of(_cancelled_runs) >= 0,
     )
     .values(state="cancelled", finished_at=NOW)
     .returning(tasks.c.task_id)
     .cte("cancelled_task")
 )
-_cancelled_waits = (
-    delete(waits)
-    .where(waits.c.run_id.in_(select(_cancelled_runs.c.run_id)))
-    .returning(waits.c.run_id)
-    .cte("cancelled_waits")
-)
+_cancelled_waits = delete_waits_of(_cancelled_runs, "cancelled_waits")
 cancel_task = select(
     select(tasks.c.state)
     .where(tasks.c.task_id == t_param, tasks.c.queue_name == q_param)
     .scalar_subquery()
     .label("previous_state"),
-    select(func.count()).select_from(_cancelled_task).scalar_subquery().label("cancelled"),
-    select(func.count()).select_from(_cancelled_waits).scalar_subquery().label("waits_removed"),
+    count_of(_cancelled_task).label("cancelled"),
+    count_of(_cancelled_waits).label("waits_removed"),
     select(tasks.c.headers)
     .where(tasks.c.task_id == t_param, tasks.c.queue_name == q_param)
     .scalar_subquery()

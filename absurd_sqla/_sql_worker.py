@@ -33,8 +33,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import CTE
 
-from ._sql import NOW, ONE_SECOND, json_param, notify, q_param, seconds
+from ._sql import NOW, ONE_SECOND, count_of, delete_waits_of, json_param, notify, q_param, seconds
 from .models import CLAIMABLE_STATES, TERMINAL_STATES, checkpoints, events, runs, tasks, waits
 
 run_param = bindparam("run", type_=UUID(as_uuid=True))
@@ -55,8 +56,15 @@ _extended_lease = case(
 )
 
 
-def _count(cte: object) -> ColumnElement[int]:
-    return select(func.count()).select_from(cte).scalar_subquery()  # type: ignore[arg-type]
+def _mark_task_sleeping(run_update: CTE, name: str) -> CTE:
+    """Follow a run that just suspended with its task (run locked first, then task)."""
+    return (
+        update(tasks)
+        .where(tasks.c.task_id == run_update.c.task_id, run_update.c.state == "sleeping")
+        .values(state="sleeping")
+        .returning(tasks.c.task_id)
+        .cte(name)
+    )
 
 
 def _run_state() -> ColumnElement[str]:
@@ -188,8 +196,8 @@ _cp_written = (
     .cte("written")
 )
 write_checkpoint = select(
-    _count(_cp_owner).label("owned"),
-    _count(_cp_written).label("written"),
+    count_of(_cp_owner).label("owned"),
+    count_of(_cp_written).label("written"),
     _run_state().label("run_state"),
     NOW.label("now"),
 )
@@ -202,7 +210,7 @@ _hb_owner = (
     .cte("owner")
 )
 heartbeat = select(
-    _count(_hb_owner).label("owned"),
+    count_of(_hb_owner).label("owned"),
     _run_state().label("run_state"),
     select(_hb_owner.c.claim_expires_at).scalar_subquery().label("claim_expires_at"),
     NOW.label("now"),
@@ -254,19 +262,13 @@ _sleep_run = (
     .returning(runs.c.task_id, runs.c.state)
     .cte("sleep_run")
 )
-_sleep_task = (
-    update(tasks)
-    .where(tasks.c.task_id == _sleep_run.c.task_id, _sleep_run.c.state == "sleeping")
-    .values(state="sleeping")
-    .returning(tasks.c.task_id)
-    .cte("sleep_task")
-)
+_sleep_task = _mark_task_sleeping(_sleep_run, "sleep_task")
 sleep = select(
-    _count(_owner_locked).label("owned"),
+    count_of(_owner_locked).label("owned"),
     _run_state().label("run_state"),
     select(_wake.c.wake_at).scalar_subquery().label("wake_at"),
-    _count(_sleep_task).label("suspended"),
-    _count(_sleep_cp).label("checkpointed"),
+    count_of(_sleep_task).label("suspended"),
+    count_of(_sleep_cp).label("checkpointed"),
 )
 
 # await_event: lock the event row (inserting a placeholder if needed) so that an
@@ -377,23 +379,17 @@ _await_run = (
     .returning(runs.c.task_id, runs.c.state)
     .cte("await_run")
 )
-_await_task = (
-    update(tasks)
-    .where(tasks.c.task_id == _await_run.c.task_id, _await_run.c.state == "sleeping")
-    .values(state="sleeping")
-    .returning(tasks.c.task_id)
-    .cte("await_task")
-)
+_await_task = _mark_task_sleeping(_await_run, "await_task")
 await_event = select(
-    _count(_owner_locked).label("owned"),
+    count_of(_owner_locked).label("owned"),
     _run_state().label("run_state"),
     select(_outcome.c.emitted).scalar_subquery().label("emitted"),
     select(_outcome.c.timed_out).scalar_subquery().label("timed_out"),
     select(_outcome.c.payload).scalar_subquery().label("payload"),
-    _count(_await_task).label("suspended"),
-    _count(_await_cp).label("checkpointed"),
-    _count(_wait_row).label("waiting"),
-    _count(_wait_done).label("wait_cleared"),
+    count_of(_await_task).label("suspended"),
+    count_of(_await_cp).label("checkpointed"),
+    count_of(_wait_row).label("waiting"),
+    count_of(_wait_done).label("wait_cleared"),
 )
 
 # A task whose name this worker does not know: hand the run back for later.
@@ -416,7 +412,7 @@ _deferred_task = (
     .returning(tasks.c.task_id)
     .cte("deferred_task")
 )
-defer_run = select(_count(_deferred).label("deferred"), _count(_deferred_task).label("tasks"))
+defer_run = select(count_of(_deferred).label("deferred"), count_of(_deferred_task).label("tasks"))
 
 # -- finishing ---------------------------------------------------------------
 
@@ -441,8 +437,8 @@ _completed_task = (
     .cte("completed_task")
 )
 complete_run = select(
-    _count(_completed).label("owned"),
-    _count(_completed_task).label("tasks"),
+    count_of(_completed).label("owned"),
+    count_of(_completed_task).label("tasks"),
     _run_state().label("run_state"),
 )
 
@@ -494,17 +490,12 @@ _failed_task = (
     .returning(tasks.c.task_id)
     .cte("failed_task")
 )
-_failed_waits = (
-    delete(waits)
-    .where(waits.c.run_id.in_(select(_failed.c.run_id)))
-    .returning(waits.c.run_id)
-    .cte("failed_waits")
-)
+_failed_waits = delete_waits_of(_failed, "failed_waits")
 fail_run = select(
-    _count(_failed).label("owned"),
-    _count(_retry_run).label("retried"),
-    _count(_failed_task).label("tasks"),
-    _count(_failed_waits).label("waits_removed"),
+    count_of(_failed).label("owned"),
+    count_of(_retry_run).label("retried"),
+    count_of(_failed_task).label("tasks"),
+    count_of(_failed_waits).label("waits_removed"),
     _run_state().label("run_state"),
     notify().label("notified"),
 )
@@ -553,7 +544,7 @@ retry_task = select(
     .scalar_subquery()
     .label("previous_state"),
     select(_manual_run.c.attempt).scalar_subquery().label("attempt"),
-    _count(_manual_task).label("tasks"),
+    count_of(_manual_task).label("tasks"),
     notify().label("notified"),
 )
 
@@ -598,4 +589,4 @@ _deleted_events = (
     .returning(events.c.event_name)
     .cte("deleted_events")
 )
-cleanup = select(_count(_deleted_tasks).label("tasks"), _count(_deleted_events).label("events"))
+cleanup = select(count_of(_deleted_tasks).label("tasks"), count_of(_deleted_events).label("events"))
