@@ -21,6 +21,7 @@ from sqlalchemy import (
     case,
     cast,
     delete,
+    exists,
     func,
     insert,
     literal,
@@ -47,7 +48,7 @@ _owns_run = (runs.c.run_id == run_param, runs.c.state == "running", LEASE_OK)
 
 # A claim_timeout <= 0 means "no expiry"; otherwise now + claim_timeout.
 _fresh_lease = case(
-    (bindparam("claim_timeout", type_=Integer) > 0, NOW + seconds("claim_timeout")),
+    (cast(bindparam("claim_timeout"), Float) > 0, NOW + seconds("claim_timeout")),
     else_=null(),
 )
 # Extending keeps a no-expiry run without expiry.
@@ -583,9 +584,29 @@ _old_events = (
     .limit(bindparam("limit", type_=Integer))
     .cte("old_events")
 )
+# Placeholders written by waiters for events that never came, once nobody waits.
+_stale_placeholders = (
+    select(events.c.event_name)
+    .where(
+        events.c.queue_name == q_param,
+        events.c.emitted_at.is_(None),
+        events.c.created_at < _cutoff,
+        ~exists().where(
+            waits.c.queue_name == events.c.queue_name, waits.c.event_name == events.c.event_name
+        ),
+    )
+    .limit(bindparam("limit", type_=Integer))
+    .cte("stale_placeholders")
+)
 _deleted_events = (
     delete(events)
-    .where(events.c.queue_name == q_param, events.c.event_name.in_(select(_old_events)))
+    .where(
+        events.c.queue_name == q_param,
+        or_(
+            events.c.event_name.in_(select(_old_events)),
+            events.c.event_name.in_(select(_stale_placeholders)),
+        ),
+    )
     .returning(events.c.event_name)
     .cte("deleted_events")
 )

@@ -76,13 +76,14 @@ class Absurd:
 
     # -- queues --------------------------------------------------------------
 
-    def create_queue(self, name: str | None = None) -> None:
-        with self._connection(None) as conn:
+    def create_queue(self, name: str | None = None, *, session: SessionLike | None = None) -> None:
+        """Create the queue (a row; nothing happens if it exists)."""
+        with self._connection(session) as conn:
             conn.execute(_sql.create_queue, {"queue": self._app.queue(name)})
 
-    def drop_queue(self, name: str | None = None) -> None:
+    def drop_queue(self, name: str | None = None, *, session: SessionLike | None = None) -> None:
         """Delete the queue with every task, run, checkpoint and event in it."""
-        with self._connection(None) as conn:
+        with self._connection(session) as conn:
             conn.execute(_sql.drop_queue, {"queue": self._app.queue(name)})
 
     def list_queues(self) -> list[str]:
@@ -185,6 +186,7 @@ class Absurd:
         max_attempts: int | None = None,
         spawn_new: bool = False,
         queue_name: str | None = None,
+        session: SessionLike | None = None,
     ) -> SpawnResult:
         """Run a failed task again: a new attempt in place, or a new task (``spawn_new``).
 
@@ -192,7 +194,7 @@ class Absurd:
         """
         params = self._app.task_params(task_id, queue_name)
         new_max = _core.check_max_attempts(max_attempts)
-        with self._connection(None) as conn:
+        with self._connection(session) as conn:
             if spawn_new:
                 source = conn.execute(sqlw.task_for_respawn, params).one_or_none()
                 self._check_failed(params, source.state if source else None)
@@ -235,6 +237,7 @@ class Absurd:
         *,
         older_than: float | timedelta = 7 * 86400,
         limit: int = 1000,
+        session: SessionLike | None = None,
     ) -> tuple[int, int]:
         """Delete up to ``limit`` finished tasks and emitted events older than
         ``older_than`` seconds. Returns (tasks, events) deleted; call again while
@@ -243,7 +246,7 @@ class Absurd:
         older = _core.check_seconds("older_than", older_than, allow_none=False)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidArgument(f"limit must be a whole number >= 1, got {limit!r}")
-        with self._connection(None) as conn:
+        with self._connection(session) as conn:
             row = conn.execute(
                 sqlw.cleanup, {"queue": self._app.queue(queue), "older_than": older, "limit": limit}
             ).one()

@@ -126,6 +126,7 @@ class TaskContext:
             params = self._state.checkpoint_params(handle, value)
             row = session.connection().execute(sqlw.write_checkpoint, params).one()
             self._state.check_owned(row)  # raises -> rollback of fn's writes too
+        self._enforce_max_duration(row.now)
         return self._state.after_checkpoint(handle, value, row)  # type: ignore[no-any-return]
 
     # -- time ----------------------------------------------------------------

@@ -187,6 +187,13 @@ class Event(Base):
             "emitted_at",
             postgresql_where=text("emitted_at IS NOT NULL"),
         ),
+        # Retention of placeholders whose waiters gave up.
+        Index(
+            "ix_events_placeholders",
+            "queue_name",
+            "created_at",
+            postgresql_where=text("emitted_at IS NULL"),
+        ),
     )
 
     queue_name: Mapped[str] = mapped_column(

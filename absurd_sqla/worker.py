@@ -138,7 +138,12 @@ def execute(app: Absurd, run: ClaimedRun, worker_id: str, claim_timeout: float) 
         if row.owned:
             announce_done(app, conn, run.task_id, run.queue_name, run.headers)
     if not row.owned:
-        log.warning("discarded the result of run %s: it is %s now", run.run_id, row.run_state)
+        log.warning(
+            "discarded the result of run %s: it is %s and no longer held by this worker "
+            "(cancelled, failed, or its lease expired)",
+            run.run_id,
+            row.run_state,
+        )
 
 
 def _fail(app: Absurd, state: RunState, exc: BaseException) -> None:

@@ -868,3 +868,57 @@ def test_cancel_racing_complete_and_fail_never_deadlocks(app: Absurd) -> None:
         assert row.state in ("cancelled", "failed" if should_fail else "completed")
         outcomes[row.state] += 1
     assert sum(outcomes.values()) == 20
+
+
+def test_fractional_claim_timeout_still_expires(app: Absurd, clock: FakeClock) -> None:
+    spawned = app.spawn("anything", {})
+    (run,) = claim(app, "default", "w", 0.5, 1)
+    (row,) = runs_of(app.engine, spawned.task_id)
+    assert row.claim_expires_at == clock.now() + timedelta(seconds=0.5)
+    assert run.run_id == row.run_id
+
+
+def test_cleanup_removes_placeholders_nobody_waits_for(app: Absurd, clock: FakeClock) -> None:
+    @app.register_task("gives-up")
+    def handler(params: Any, ctx: TaskContext) -> str:
+        try:
+            ctx.await_event(params["event"], timeout=5)
+        except TimeoutError:
+            return "gave up"
+        return "got it"
+
+    gave_up = app.spawn("gives-up", {"event": "never"})
+    still_waiting = app.spawn("gives-up", {"event": "later"})
+    run_until_idle(app)
+    clock.advance(5)
+    with app.engine.begin() as conn:  # keep the second waiter waiting
+        conn.execute(
+            text("UPDATE absurd.waits SET timeout_at = NULL WHERE task_id = :t"),
+            {"t": still_waiting.task_id},
+        )
+        conn.execute(
+            text("UPDATE absurd.runs SET available_at = NULL WHERE task_id = :t"),
+            {"t": still_waiting.task_id},
+        )
+    run_until_idle(app)
+    snapshot = app.fetch_task_result(gave_up.task_id)
+    assert snapshot is not None and snapshot.result == "gave up"
+    clock.advance(3600)
+    assert app.cleanup(older_than=60) == (1, 1)  # the finished task and "never"'s placeholder
+    with app.engine.connect() as conn:
+        left = list(conn.scalars(text("SELECT event_name FROM absurd.events")))
+    assert left == ["later"]  # a waiter still needs this one
+
+
+def test_retry_task_joins_the_callers_transaction(app: Absurd, clean_db: Engine) -> None:
+    @app.register_task("fails-once", default_max_attempts=1)
+    def handler(params: Any, ctx: TaskContext) -> None:
+        raise RuntimeError("no")
+
+    spawned = app.spawn("fails-once", {})
+    run_until_idle(app)
+    with Session(clean_db) as session:
+        app.retry_task(spawned.task_id, session=session)
+        session.rollback()
+    assert task_row(app.engine, spawned.task_id).state == "failed"
+    assert len(runs_of(app.engine, spawned.task_id)) == 1

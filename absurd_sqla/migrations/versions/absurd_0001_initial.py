@@ -177,6 +177,13 @@ def upgrade() -> None:
         schema=SCHEMA,
         postgresql_where=sa.text("emitted_at IS NOT NULL"),
     )
+    op.create_index(
+        op.f("ix_events_placeholders"),
+        "events",
+        ["queue_name", "created_at"],
+        schema=SCHEMA,
+        postgresql_where=sa.text("emitted_at IS NULL"),
+    )
     op.create_table(
         "waits",
         sa.Column("run_id", pg.UUID(as_uuid=True), nullable=False),

@@ -1,0 +1,71 @@
+"""The ``absurd-sqla`` command, run as a real subprocess against a real database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import create_engine, inspect
+
+from absurd_sqla import Absurd
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "absurd_sqla.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_migrate_up_and_down(fresh_database: str) -> None:
+    done = run_cli("migrate", "--url", fresh_database)
+    assert done.returncode == 0, done.stderr
+    engine = create_engine(fresh_database)
+    assert "tasks" in inspect(engine).get_table_names(schema="absurd")
+    done = run_cli("migrate", "--downgrade", env={"ABSURD_DATABASE_URL": fresh_database})
+    assert done.returncode == 0, done.stderr
+    assert "absurd" not in inspect(engine).get_schema_names()
+    engine.dispose()
+
+
+def test_worker_runs_tasks_and_stops_on_sigterm(fresh_database: str, tmp_path: Path) -> None:
+    assert run_cli("migrate", "--url", fresh_database).returncode == 0
+    (tmp_path / "cli_tasks.py").write_text(
+        "import os\n"
+        "from absurd_sqla import Absurd\n"
+        "app = Absurd(os.environ['ABSURD_DATABASE_URL'])\n"
+        "@app.register_task('double')\n"
+        "def double(params, ctx):\n"
+        "    return ctx.step('x2', lambda: params['n'] * 2)\n"
+    )
+    client = Absurd(fresh_database)
+    client.create_queue()
+    spawned = client.spawn("double", {"n": 21})
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "absurd_sqla.cli", "worker", "cli_tasks:app", "--concurrency", "2"],
+        cwd=tmp_path,
+        env={**os.environ, "ABSURD_DATABASE_URL": fresh_database},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        snapshot = client.await_task_result(spawned.task_id, timeout=30)
+        assert snapshot.state == "completed" and snapshot.result == 42
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0, output
+    client.close()
+
+
+def test_bad_app_target_is_a_clear_error() -> None:
+    done = run_cli("worker", "no_colon_here")
+    assert done.returncode != 0
+    assert "MODULE:ATTRIBUTE" in done.stderr
