@@ -1,7 +1,7 @@
 """``absurd-sqla``: migrate the schema and run workers from the shell.
 
-    absurd-sqla migrate [--url URL] [--downgrade]
-    absurd-sqla worker myapp.tasks:app [--queue Q] [--concurrency N] [--claim-timeout S]
+absurd-sqla migrate [--url URL] [--downgrade]
+absurd-sqla worker myapp.tasks:app [--queue Q] [--concurrency N] [--claim-timeout S]
 """
 
 from __future__ import annotations
