@@ -266,12 +266,13 @@ def fail_params(
     }
 
 
+TASK_EVENT_PREFIX = "$task:"
+PARENT_HEADER = "absurd.parent_task_id"
+
+
 def task_done_event(task_id: uuid.UUID | str) -> str:
     """The event a child task emits in its queue when it finishes (for awaiting parents)."""
-    return f"$task:{task_id}"
-
-
-PARENT_HEADER = "absurd.parent_task_id"
+    return f"{TASK_EVENT_PREFIX}{task_id}"
 
 
 def snapshot_payload(state: str, result: Any, failure: Any) -> dict[str, Any]:

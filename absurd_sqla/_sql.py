@@ -227,7 +227,7 @@ _woken_runs = (
     update(runs)
     .where(runs.c.run_id == _woken_waits.c.run_id, runs.c.state == "sleeping")
     .values(state="pending", available_at=NOW, wake_event=None)
-    .returning(runs.c.run_id, runs.c.task_id)
+    .returning(runs.c.run_id, runs.c.task_id, runs.c.queue_name)
     .cte("woken_runs")
 )
 _woken_tasks = (
@@ -259,6 +259,15 @@ wake_waiters = select(
     count_of(_woken_tasks).label("woken"),
     count_of(_event_checkpoints).label("delivered"),
     notify().label("notified"),
+    # A waiter may live on another queue (a parent awaiting a child): wake its
+    # workers too. Postgres folds duplicate notifications within a transaction.
+    select(
+        func.count(
+            func.pg_notify(literal("absurd.", Text) + _woken_runs.c.queue_name, literal("", Text))
+        )
+    )
+    .scalar_subquery()
+    .label("notified_waiter_queues"),
 )
 
 # -- cancel ------------------------------------------------------------------

@@ -36,6 +36,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import CTE
 
+from ._run import PARENT_HEADER, TASK_EVENT_PREFIX
 from ._sql import NOW, ONE_SECOND, count_of, delete_waits_of, json_param, notify, q_param, seconds
 from .models import CLAIMABLE_STATES, TERMINAL_STATES, checkpoints, events, runs, tasks, waits
 
@@ -562,12 +563,26 @@ task_for_respawn = select(
 # -- retention ---------------------------------------------------------------
 
 _cutoff = NOW - seconds("older_than")
+_UUID_TEXT = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+
+def _uuid_or_null(value: ColumnElement[str]) -> ColumnElement[object]:
+    """Cast text to uuid only when it is one (user data must not break cleanup)."""
+    return case((value.regexp_match(_UUID_TEXT), cast(value, UUID(as_uuid=True))), else_=null())
+
+
+_parent = tasks.alias("parent")
 _old_tasks = (
     select(tasks.c.task_id)
     .where(
         tasks.c.queue_name == q_param,
         tasks.c.state.in_(TERMINAL_STATES),
         tasks.c.finished_at < _cutoff,
+        # A finished child stays while its parent may still await its result.
+        ~exists().where(
+            _parent.c.task_id == _uuid_or_null(tasks.c.headers[PARENT_HEADER].astext),
+            _parent.c.state.not_in(TERMINAL_STATES),
+        ),
     )
     .limit(bindparam("limit", type_=Integer))
     .cte("old_tasks")
@@ -580,7 +595,21 @@ _deleted_tasks = (
 )
 _old_events = (
     select(events.c.event_name)
-    .where(events.c.queue_name == q_param, events.c.emitted_at < _cutoff)
+    .where(
+        events.c.queue_name == q_param,
+        events.c.emitted_at < _cutoff,
+        # A child's "$task:<id>" event lives as long as the child task does.
+        ~exists().where(
+            tasks.c.task_id
+            == case(
+                (
+                    events.c.event_name.startswith(TASK_EVENT_PREFIX),
+                    _uuid_or_null(func.substr(events.c.event_name, len(TASK_EVENT_PREFIX) + 1)),
+                ),
+                else_=null(),
+            )
+        ),
+    )
     .limit(bindparam("limit", type_=Integer))
     .cte("old_events")
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -50,6 +51,8 @@ class Absurd:
         # A URL bind gets a pool big enough for a worker with a few threads.
         self.engine, self.session_factory = engine_and_sessions(bind, pool_size=10, max_overflow=20)
         self._workers: list[Worker] = []
+        self._workers_lock = threading.Lock()
+        self._stop_pending = False  # stop_worker() before start_worker() registered
 
     @property
     def queue_name(self) -> str:
@@ -344,6 +347,9 @@ class Absurd:
 
         May run in a background thread (signal handlers are installed only
         from the main thread). ``concurrency`` handlers run at once, in threads.
+        A :meth:`stop_worker` that came while no worker was running is not
+        lost: this call then returns at once (the "start a thread, stop it"
+        race).
         """
         worker = Worker(
             self,
@@ -354,13 +360,24 @@ class Absurd:
             batch_size=batch_size or concurrency,
             poll_interval=poll_interval,
         )
-        self._workers.append(worker)
+        with self._workers_lock:
+            if self._stop_pending:
+                self._stop_pending = False
+                return
+            self._workers.append(worker)
         try:
             worker.run()
         finally:
-            self._workers.remove(worker)
+            with self._workers_lock:
+                self._workers.remove(worker)
 
     def stop_worker(self) -> None:
-        """Ask every worker of this client to stop (from any thread)."""
-        for worker in list(self._workers):
-            worker.stop()
+        """Ask every worker of this client to stop (from any thread, without await).
+
+        Each claims nothing more and returns once its in-flight handlers finish.
+        With no worker running, the next :meth:`start_worker` returns at once.
+        """
+        with self._workers_lock:
+            self._stop_pending = not self._workers
+            for worker in self._workers:
+                worker.stop()

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("absurd_sqla.worker")
 
 SWEEP_INTERVAL = 1.0  # seconds between expired-lease sweeps of a running worker
+SIGNAL_CHECK_INTERVAL = 0.1  # longest an idle worker takes to notice SIGTERM/SIGINT
 
 
 def default_worker_id() -> str:
@@ -226,6 +227,7 @@ class Worker:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self._stopping = threading.Event()
+        self._signalled: int | None = None  # set by a signal handler: no locks there
         self._wake = threading.Event()
         self._inflight: set[Future[None]] = set()
         self._lock = threading.Lock()
@@ -237,7 +239,24 @@ class Worker:
 
     @property
     def stopping(self) -> bool:
-        return self._stopping.is_set()
+        return self._stopping.is_set() or self._signalled is not None
+
+    def _on_signal(self, signum: int) -> None:
+        # Runs in the main thread between bytecodes, maybe while this thread holds
+        # an Event's lock: only a plain assignment is safe here.
+        self._signalled = signum
+
+    def _idle(self) -> None:
+        """Wait for a wake-up (NOTIFY, a free slot, stop) or the poll interval.
+
+        In slices, so a signal noticed via ``_signalled`` stops us promptly.
+        """
+        deadline = time.monotonic() + self.poll_interval
+        while not self.stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._wake.wait(min(remaining, SIGNAL_CHECK_INTERVAL)):
+                break
+        self._wake.clear()
 
     def _done(self, future: Future[None]) -> None:
         with self._lock:
@@ -268,11 +287,11 @@ class Worker:
             url.render_as_string(hide_password=False), channel_for(self.queue), self._wake
         )
         listener.start()
-        restore = _install_signal_handlers(self.stop)
+        restore = _install_signal_handlers(self._on_signal)
         last_sweep = 0.0
         try:
             with ThreadPoolExecutor(self.concurrency, thread_name_prefix="absurd-task") as pool:
-                while not self._stopping.is_set():
+                while not self.stopping:
                     with self._lock:
                         free = self.concurrency - len(self._inflight)
                     claimed: list[ClaimedRun] = []
@@ -302,8 +321,9 @@ class Worker:
                             future.add_done_callback(self._done)
                         if len(claimed) == wanted:
                             continue  # there may be more ready right now
-                    self._wake.wait(self.poll_interval)
-                    self._wake.clear()
+                    self._idle()
+                if self._signalled is not None:
+                    log.info("signal %d: stopping after in-flight tasks finish", self._signalled)
                 # Leaving the `with` waits for in-flight handlers to finish.
         finally:
             restore()
@@ -317,15 +337,14 @@ class Worker:
             return None
 
 
-def _install_signal_handlers(stop: Callable[[], None]) -> Callable[[], None]:
+def _install_signal_handlers(on_signal: Callable[[int], None]) -> Callable[[], None]:
     """SIGTERM/SIGINT stop the worker gracefully; only possible from the main thread."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(signum: int, frame: object) -> None:
-        log.info("signal %d: stopping after in-flight tasks finish", signum)
-        stop()
+        on_signal(signum)
 
     for sig in previous:
         signal.signal(sig, handle)

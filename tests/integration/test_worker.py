@@ -922,3 +922,18 @@ def test_retry_task_joins_the_callers_transaction(app: Absurd, clean_db: Engine)
         session.rollback()
     assert task_row(app.engine, spawned.task_id).state == "failed"
     assert len(runs_of(app.engine, spawned.task_id)) == 1
+
+
+def test_stop_before_the_worker_registers_is_not_lost(app: Absurd) -> None:
+    app.stop_worker()  # e.g. the thread below had not reached start_worker yet
+    worker = threading.Thread(target=app.start_worker, kwargs={"poll_interval": 30})
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive()
+    # The pending stop was used up: the next worker runs until stopped.
+    again = threading.Thread(target=app.start_worker, kwargs={"poll_interval": 30})
+    again.start()
+    wait_until(lambda: bool(app._workers))
+    app.stop_worker()
+    again.join(10)
+    assert not again.is_alive()
