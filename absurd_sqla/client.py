@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, Row
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql import Executable
 
 from . import _core, _sql
 from . import _sql_worker as sqlw
@@ -50,6 +51,9 @@ class Absurd:
         self.session_factory: sessionmaker[Session]
         # A URL bind gets a pool big enough for a worker with a few threads.
         self.engine, self.session_factory = engine_and_sessions(bind, pool_size=10, max_overflow=20)
+        # Single statements are atomic alone: run them without BEGIN/COMMIT,
+        # one round trip instead of three. Shares the engine's pool.
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._workers: list[Worker] = []
         self._workers_lock = threading.Lock()
         self._stop_pending = False  # stop_worker() before start_worker() registered
@@ -72,6 +76,22 @@ class Absurd:
             yield session
         else:
             raise TypeError(f"session must be a Session or a Connection, not {session!r}")
+
+    @contextlib.contextmanager
+    def _writer(self, *, atomic: bool) -> Iterator[Connection]:
+        """A connection for our own writes: a transaction when several statements
+        must commit together, autocommit when there is a single statement."""
+        if atomic:
+            with self.engine.begin() as conn:
+                yield conn
+        else:
+            with self._autocommit.connect() as conn:
+                yield conn
+
+    def _one(self, statement: Executable, params: Mapping[str, Any]) -> Row[Any]:
+        """Run one self-contained statement in autocommit and return its single row."""
+        with self._autocommit.connect() as conn:
+            return conn.execute(statement, params).one()
 
     def close(self) -> None:
         """Dispose of the connection pool (only matters for a URL ``bind``)."""

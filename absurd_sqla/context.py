@@ -103,8 +103,7 @@ class TaskContext:
         if handle.done:
             return handle.state  # type: ignore[no-any-return]
         params = self._state.checkpoint_params(handle, value)
-        with self._app.engine.begin() as conn:
-            row = conn.execute(sqlw.write_checkpoint, params).one()
+        row = self._app._one(sqlw.write_checkpoint, params)
         self._enforce_max_duration(row.now)
         return self._state.after_checkpoint(handle, value, row)  # type: ignore[no-any-return]
 
@@ -143,8 +142,7 @@ class TaskContext:
         wake_at, seconds = wake_time(when)
         handle = self._state.begin(step_name)
         params = self._state.sleep_params(handle, wake_at=wake_at, seconds=seconds)
-        with self._app.engine.begin() as conn:
-            row = conn.execute(sqlw.sleep, params).one()
+        row = self._app._one(sqlw.sleep, params)
         self._state.after_sleep(handle, row)
 
     # -- events --------------------------------------------------------------
@@ -169,8 +167,7 @@ class TaskContext:
 
     def _await(self, handle: StepHandle, event_name: str, queue: str, timeout: float | None) -> Any:
         params = self._state.await_params(handle, event_name, queue, timeout)
-        with self._app.engine.begin() as conn:
-            row = conn.execute(sqlw.await_event, params).one()
+        row = self._app._one(sqlw.await_event, params)
         return self._state.after_await(handle, event_name, row)
 
     def emit_event(self, event_name: str, payload: Any = None) -> bool:
@@ -180,8 +177,7 @@ class TaskContext:
     def heartbeat(self, seconds: float | None = None) -> None:
         """Extend the lease by ``seconds`` (default: the worker's claim timeout)."""
         params = self._state.heartbeat_params(seconds)
-        with self._app.engine.begin() as conn:
-            row = conn.execute(sqlw.heartbeat, params).one()
+        row = self._app._one(sqlw.heartbeat, params)
         self._state.check_owned(row)
         self._enforce_max_duration(row.now)
 

@@ -54,7 +54,7 @@ def default_worker_id() -> str:
 def claim(
     app: Absurd, queue: str, worker_id: str, claim_timeout: float, batch_size: int
 ) -> list[ClaimedRun]:
-    with app.engine.begin() as conn:
+    with app._writer(atomic=False) as conn:
         rows = conn.execute(
             sqlw.claim,
             {
@@ -91,7 +91,7 @@ def sweep_expired(app: Absurd, queue: str) -> int:
 
 def announce_done(app: Absurd, conn: Connection, task_id: Any, queue: str, headers: Any) -> None:
     """A finished child emits ``$task:<id>`` so an awaiting parent wakes up."""
-    if not (headers or {}).get(PARENT_HEADER):
+    if not is_child(headers):
         return
     snapshot = app._fetch_on(conn, task_id, queue)
     if snapshot is None:
@@ -100,14 +100,18 @@ def announce_done(app: Absurd, conn: Connection, task_id: Any, queue: str, heade
     app.emit_event(task_done_event(task_id), payload, session=conn, queue_name=queue)
 
 
+def is_child(headers: Any) -> bool:
+    """Spawned by ``ctx.spawn``: finishing must also emit the parent's wake-up event."""
+    return bool((headers or {}).get(PARENT_HEADER))
+
+
 def execute(app: Absurd, run: ClaimedRun, worker_id: str, claim_timeout: float) -> None:
     """Run one claimed run to completion, failure or suspension."""
     registration = app._app.registry.get(run.task_name)
     if registration is None:
         # Unknown here (e.g. mid-deploy): hand it back for a worker that knows it.
         log.warning("no handler for task %r; deferring run %s", run.task_name, run.run_id)
-        with app.engine.begin() as conn:
-            conn.execute(sqlw.defer_run, {"run": run.run_id, "delay": UNKNOWN_TASK_DELAY})
+        app._one(sqlw.defer_run, {"run": run.run_id, "delay": UNKNOWN_TASK_DELAY})
         return
     violation = run.policy_violation()
     if violation is not None:
@@ -134,7 +138,7 @@ def execute(app: Absurd, run: ClaimedRun, worker_id: str, claim_timeout: float) 
     except NotSerializable as exc:
         _fail(app, state, exc)
         return
-    with app.engine.begin() as conn:
+    with app._writer(atomic=is_child(run.headers)) as conn:
         row = conn.execute(sqlw.complete_run, params).one()
         if row.owned:
             announce_done(app, conn, run.task_id, run.queue_name, run.headers)
@@ -149,7 +153,7 @@ def execute(app: Absurd, run: ClaimedRun, worker_id: str, claim_timeout: float) 
 
 def _fail(app: Absurd, state: RunState, exc: BaseException) -> None:
     run = state.run
-    with app.engine.begin() as conn:
+    with app._writer(atomic=is_child(run.headers)) as conn:
         row = conn.execute(sqlw.fail_run, state.fail_params(failure_reason(exc))).one()
         if row.owned and not row.retried:
             announce_done(app, conn, run.task_id, run.queue_name, run.headers)
