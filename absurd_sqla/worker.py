@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.pool import QueuePool
 
 from . import _sql_worker as sqlw
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("absurd_sqla.worker")
 
 SWEEP_INTERVAL = 1.0  # seconds between expired-lease sweeps of a running worker
+LISTEN_RETRY_MIN, LISTEN_RETRY_MAX = 0.5, 30.0  # reconnect backoff of the listener, seconds
 SIGNAL_CHECK_INTERVAL = 0.1  # longest an idle worker takes to notice SIGTERM/SIGINT
 
 
@@ -176,14 +177,21 @@ def work_batch(
 
 
 class Listener:
-    """``LISTEN`` on the queue's channel in a thread; each notification sets ``wake``."""
+    """``LISTEN`` on the queue's channel in a thread; each notification sets ``wake``.
 
-    def __init__(self, url: str, channel: str, wake: threading.Event) -> None:
-        self._url = url
+    The connection comes from the app's engine (so its connect arguments and
+    events apply), detached from the pool. If it breaks, the listener
+    reconnects with backoff; the worker keeps polling meanwhile, and a wake-up
+    after each (re)connect covers notifications missed in between.
+    """
+
+    def __init__(self, engine: Engine, channel: str, wake: threading.Event) -> None:
+        self._engine = engine
         self._channel = channel
         self._wake = wake
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="absurd-listen", daemon=True)
+        self.connected = threading.Event()
 
     def start(self) -> None:
         self._thread.start()
@@ -193,16 +201,39 @@ class Listener:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        try:
-            with psycopg.connect(self._url, autocommit=True) as conn:
-                conn.execute(
-                    psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel))
+        backoff = LISTEN_RETRY_MIN
+        while not self._stop.is_set():
+            try:
+                self._listen()
+                backoff = LISTEN_RETRY_MIN
+            except Exception:
+                log.warning(
+                    "LISTEN on %s failed; polling until it reconnects in %.1fs",
+                    self._channel,
+                    backoff,
+                    exc_info=True,
                 )
-                while not self._stop.is_set():
-                    for _ in conn.notifies(timeout=0.5, stop_after=1):
-                        self._wake.set()
-        except Exception:  # polling still works without notifications
-            log.exception("LISTEN on %s failed; falling back to polling", self._channel)
+                self.connected.clear()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, LISTEN_RETRY_MAX)
+
+    def _listen(self) -> None:
+        raw = self._engine.raw_connection()
+        conn = raw.driver_connection  # read before detach(), which clears it
+        raw.detach()  # a LISTENing session must never serve anyone else
+        try:
+            if not isinstance(conn, psycopg.Connection):
+                raise TypeError(f"LISTEN needs a psycopg 3 connection, got {type(conn)!r}")
+            conn.rollback()
+            conn.autocommit = True
+            conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel)))
+            self.connected.set()
+            self._wake.set()  # anything committed while we were not listening
+            while not self._stop.is_set():
+                for _ in conn.notifies(timeout=0.5, stop_after=1):
+                    self._wake.set()
+        finally:
+            raw.close()
 
 
 class Worker:
@@ -286,10 +317,7 @@ class Worker:
 
     def run(self) -> None:
         self._check_pool()
-        url = self.app.engine.url.set(drivername="postgresql")
-        listener = Listener(
-            url.render_as_string(hide_password=False), channel_for(self.queue), self._wake
-        )
+        listener = Listener(self.app.engine, channel_for(self.queue), self._wake)
         listener.start()
         restore = _install_signal_handlers(self._on_signal)
         last_sweep = 0.0

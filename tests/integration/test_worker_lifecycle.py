@@ -441,8 +441,10 @@ def idle_listening_worker(app: Absurd, engine: Engine, **kwargs: Any) -> Iterato
     """A worker thread with ``poll_interval=30`` that is idle and LISTENing.
 
     Yields the rows returned by each of its claims on the default queue, in
-    order: ``[0]`` at first. Once idle, its next claim can only come from a
-    notification (or from a poll 30 s later).
+    order: ``[0, 0]`` at first (the first claim, and the one the listener
+    triggers once connected, to catch anything committed before it listened).
+    Once idle, its next claim can only come from a notification (or from a
+    poll 30 s later).
     """
     claims: list[int] = []
 
@@ -466,8 +468,8 @@ def idle_listening_worker(app: Absurd, engine: Engine, **kwargs: Any) -> Iterato
     event.listen(engine, "after_cursor_execute", record)
     try:
         with worker_thread(app, poll_interval=30, **kwargs):
-            wait_until(lambda: claims and listening(), "worker idle and listening")
-            assert claims == [0]
+            wait_until(lambda: len(claims) >= 2 and listening(), "worker idle and listening")
+            assert claims == [0, 0]
             yield claims
     finally:
         event.remove(engine, "after_cursor_execute", record)
@@ -489,6 +491,32 @@ def test_notify_wakes_an_idle_worker_without_waiting_for_a_poll(
     assert elapsed < 5
 
 
+def test_listener_reconnects_after_its_connection_is_killed(
+    app: Absurd, clean_db: Engine
+) -> None:
+    @app.register_task("ping")
+    def ping(params: Any, ctx: Any) -> str:
+        return "pong"
+
+    listen_pids = text(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND query ILIKE 'LISTEN %'"
+    )
+    with idle_listening_worker(app, clean_db):
+        with clean_db.connect() as conn:
+            (old_pid,) = conn.scalars(listen_pids).all()
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": old_pid})
+
+        def relistening() -> bool:
+            with clean_db.connect() as conn:
+                return [*conn.scalars(listen_pids)] not in ([], [old_pid])
+
+        wait_until(relistening, "the listener reconnected")
+        spawned = app.spawn("ping", {})
+        snapshot = app.await_task_result(spawned.task_id, timeout=5)  # poll_interval is 30 s
+    assert snapshot.result == "pong"
+
+
 def test_notify_wakes_a_parent_whose_child_ran_on_another_queue(
     app: Absurd, clean_db: Engine
 ) -> None:
@@ -502,8 +530,8 @@ def test_notify_wakes_a_parent_whose_child_ran_on_another_queue(
 
     with idle_listening_worker(app, clean_db) as claims:
         spawned = app.spawn("parent", {})
-        # Claims: [0] idle, [1] the parent (it suspends), [0] after its slot freed.
-        wait_until(lambda: claims == [0, 1, 0], "the parent ran and the worker is idle again")
+        # Claims: [0, 0] idle, [1] the parent (it suspends), [0] after its slot freed.
+        wait_until(lambda: claims == [0, 0, 1, 0], "the parent ran and the worker is idle again")
         assert task_state(clean_db, spawned.task_id) == "sleeping"
         assert app.work_batch(queue="other") == 1  # the child, inline, on its own queue
         assert task_state(clean_db, spawned.task_id) == "pending"  # woken in the database
