@@ -491,9 +491,7 @@ def test_notify_wakes_an_idle_worker_without_waiting_for_a_poll(
     assert elapsed < 5
 
 
-def test_listener_reconnects_after_its_connection_is_killed(
-    app: Absurd, clean_db: Engine
-) -> None:
+def test_listener_reconnects_after_its_connection_is_killed(app: Absurd, clean_db: Engine) -> None:
     @app.register_task("ping")
     def ping(params: Any, ctx: Any) -> str:
         return "pong"
