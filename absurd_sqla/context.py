@@ -171,8 +171,17 @@ class TaskContext:
         return self._state.after_await(handle, event_name, row)
 
     def emit_event(self, event_name: str, payload: Any = None) -> bool:
-        """Emit an event on this task's queue (first emit wins)."""
-        return self._app.emit_event(event_name, payload, queue_name=self.queue_name)
+        """Emit an event on this task's queue (first emit wins).
+
+        Fenced like a checkpoint: a worker that lost its lease, or whose task was
+        cancelled, cannot emit (the lease check and the emit commit together).
+        """
+        with self._app.engine.begin() as conn:
+            row = conn.execute(sqlw.heartbeat, self._state.heartbeat_params(None)).one()
+            self._state.check_owned(row)
+            return self._app.emit_event(
+                event_name, payload, session=conn, queue_name=self.queue_name
+            )
 
     def heartbeat(self, seconds: float | None = None) -> None:
         """Extend the lease by ``seconds`` (default: the worker's claim timeout)."""

@@ -937,3 +937,20 @@ def test_stop_before_the_worker_registers_is_not_lost(app: Absurd) -> None:
     app.stop_worker()
     again.join(10)
     assert not again.is_alive()
+
+
+def test_ctx_emit_event_is_fenced_after_cancel(app: Absurd) -> None:
+    @app.register_task("emitter")
+    def handler(params: Any, ctx: TaskContext) -> str:
+        assert ctx.emit_event("first", 1) is True
+        app.cancel_task(ctx.task_id)
+        ctx.emit_event("second", 2)  # refused: the task is cancelled
+        return "unreachable"
+
+    spawned = app.spawn("emitter", {})
+    run_until_idle(app)
+    with app.engine.connect() as conn:
+        names = set(conn.scalars(text("SELECT event_name FROM absurd.events")))
+    assert names == {"first"}
+    snapshot = app.fetch_task_result(spawned.task_id)
+    assert snapshot is not None and snapshot.state == "cancelled"
