@@ -79,6 +79,21 @@ def delete_waits_of(run_ids: CTE, name: str) -> CTE:
     )
 
 
+def task_follows(run_update: CTE, name: str, state: str, *where: ColumnElement[bool]) -> CTE:
+    """A CTE moving the tasks of the runs just updated to ``state``.
+
+    It reads the run update's RETURNING rows, so the run is always locked
+    before its task: the one lock order every statement keeps.
+    """
+    return (
+        update(tasks)
+        .where(tasks.c.task_id == run_update.c.task_id, *where)
+        .values(state=state)
+        .returning(tasks.c.task_id)
+        .cte(name)
+    )
+
+
 def channel_for(queue_name: str) -> str:
     return f"absurd.{queue_name}"
 
@@ -230,13 +245,7 @@ _woken_runs = (
     .returning(runs.c.run_id, runs.c.task_id, runs.c.queue_name)
     .cte("woken_runs")
 )
-_woken_tasks = (
-    update(tasks)
-    .where(tasks.c.task_id == _woken_runs.c.task_id, tasks.c.state == "sleeping")
-    .values(state="pending")
-    .returning(tasks.c.task_id)
-    .cte("woken_tasks")
-)
+_woken_tasks = task_follows(_woken_runs, "woken_tasks", "pending", tasks.c.state == "sleeping")
 _event_checkpoints = (
     pg_insert(checkpoints)
     .from_select(

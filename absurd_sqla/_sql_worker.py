@@ -34,10 +34,19 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.selectable import CTE
 
 from ._run import PARENT_HEADER, TASK_EVENT_PREFIX
-from ._sql import NOW, ONE_SECOND, count_of, delete_waits_of, json_param, notify, q_param, seconds
+from ._sql import (
+    NOW,
+    ONE_SECOND,
+    count_of,
+    delete_waits_of,
+    json_param,
+    notify,
+    q_param,
+    seconds,
+    task_follows,
+)
 from .models import CLAIMABLE_STATES, TERMINAL_STATES, checkpoints, events, runs, tasks, waits
 
 run_param = bindparam("run", type_=UUID(as_uuid=True))
@@ -56,17 +65,6 @@ _fresh_lease = case(
 _extended_lease = case(
     (runs.c.claim_expires_at.is_(None), null()), else_=NOW + seconds("claim_timeout")
 )
-
-
-def _mark_task_sleeping(run_update: CTE, name: str) -> CTE:
-    """Follow a run that just suspended with its task (run locked first, then task)."""
-    return (
-        update(tasks)
-        .where(tasks.c.task_id == run_update.c.task_id, run_update.c.state == "sleeping")
-        .values(state="sleeping")
-        .returning(tasks.c.task_id)
-        .cte(name)
-    )
 
 
 def _run_state() -> ColumnElement[str]:
@@ -264,7 +262,7 @@ _sleep_run = (
     .returning(runs.c.task_id, runs.c.state)
     .cte("sleep_run")
 )
-_sleep_task = _mark_task_sleeping(_sleep_run, "sleep_task")
+_sleep_task = task_follows(_sleep_run, "sleep_task", "sleeping", _sleep_run.c.state == "sleeping")
 sleep = select(
     count_of(_owner_locked).label("owned"),
     _run_state().label("run_state"),
@@ -381,7 +379,7 @@ _await_run = (
     .returning(runs.c.task_id, runs.c.state)
     .cte("await_run")
 )
-_await_task = _mark_task_sleeping(_await_run, "await_task")
+_await_task = task_follows(_await_run, "await_task", "sleeping", _await_run.c.state == "sleeping")
 await_event = select(
     count_of(_owner_locked).label("owned"),
     _run_state().label("run_state"),
@@ -407,13 +405,7 @@ _deferred = (
     .returning(runs.c.task_id)
     .cte("deferred")
 )
-_deferred_task = (
-    update(tasks)
-    .where(tasks.c.task_id == _deferred.c.task_id, tasks.c.state == "running")
-    .values(state="pending")
-    .returning(tasks.c.task_id)
-    .cte("deferred_task")
-)
+_deferred_task = task_follows(_deferred, "deferred_task", "pending", tasks.c.state == "running")
 defer_run = select(count_of(_deferred).label("deferred"), count_of(_deferred_task).label("tasks"))
 
 # -- finishing ---------------------------------------------------------------

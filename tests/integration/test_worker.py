@@ -343,6 +343,18 @@ def _session_waiting_pids(engine: Engine) -> list[int]:
         )
 
 
+def _await_params(run_id: Any) -> dict[str, Any]:
+    """Parameters of the await_event statement for event "e" on the default queue."""
+    return {
+        "run": run_id,
+        "claim_timeout": 120,
+        "step": "$await:e",
+        "event": "e",
+        "event_queue": "default",
+        "timeout_seconds": None,
+    }
+
+
 def _claim_one(app: Absurd) -> Any:
     (run,) = claim(app, "default", "w1", 120, 1)
     return run
@@ -352,14 +364,7 @@ def test_emit_committing_while_waiter_suspends_is_not_lost(app: Absurd) -> None:
     """Waiter's suspend transaction is open; the emit must wait for it, then wake it."""
     spawned = app.spawn("suspender", {})
     run = _claim_one(app)
-    params = {
-        "run": run.run_id,
-        "claim_timeout": 120,
-        "step": "$await:e",
-        "event": "e",
-        "event_queue": "default",
-        "timeout_seconds": None,
-    }
+    params = _await_params(run.run_id)
     with app.engine.connect() as waiter:
         row = waiter.execute(sqlw.await_event, params).one()
         assert row.owned == 1 and row.suspended == 1  # suspended, not yet committed
@@ -378,14 +383,7 @@ def test_waiter_suspending_while_emit_uncommitted_sees_the_event(app: Absurd) ->
     """The emit's transaction is open; the waiter must wait, then see the event."""
     spawned = app.spawn("suspender", {})
     run = _claim_one(app)
-    params = {
-        "run": run.run_id,
-        "claim_timeout": 120,
-        "step": "$await:e",
-        "event": "e",
-        "event_queue": "default",
-        "timeout_seconds": None,
-    }
+    params = _await_params(run.run_id)
     results: list[Any] = []
     with Session(app.engine) as session:
         assert app.emit_event("e", {"v": 2}, session=session) is True
