@@ -117,9 +117,10 @@ class AppCore:
                 request = self.hooks.before_spawn(request)
             defaults = self.defaults_for(request.task_name, request.queue)
             batch = grouped.setdefault(defaults.queue, SpawnBatch(defaults.queue, [], []))
-            batch.rows.append(_core.spawn_row(request, defaults))
+            batch.rows.append(_core.spawn_row(request, defaults, position))
             batch.positions.append(position)
-        return list(grouped.values())
+        # Queue order, like key order inside a batch: a fixed lock order.
+        return [grouped[queue] for queue in sorted(grouped)]
 
     @staticmethod
     def check_queues_exist(batches: Sequence[SpawnBatch], found: Iterable[str]) -> None:

@@ -218,7 +218,7 @@ class TaskDefaults:
     cancellation: Mapping[str, Any] | None
 
 
-def spawn_row(request: SpawnRequest, defaults: TaskDefaults) -> dict[str, Any]:
+def spawn_row(request: SpawnRequest, defaults: TaskDefaults, position: int = 0) -> dict[str, Any]:
     """Validate one request into the JSON record the spawn statement unpacks."""
     check_name("task name", request.task_name)
     encode_json("params", request.params)
@@ -239,6 +239,7 @@ def spawn_row(request: SpawnRequest, defaults: TaskDefaults) -> dict[str, Any]:
     )
     task_id, run_id = uuid7(), uuid7()
     return {
+        "position": position,
         "task_id": str(task_id),
         "run_id": str(run_id),
         "task_name": request.task_name,

@@ -39,6 +39,7 @@ class ClaimedRun:
     enqueued_at: datetime
     first_started_at: datetime
     prev_first_started_at: datetime | None
+    prev_started_at: datetime | None
     claimed_at: datetime
     checkpoints: dict[str, Any]
 
@@ -58,9 +59,19 @@ class ClaimedRun:
             enqueued_at=row.enqueued_at,
             first_started_at=row.first_started_at,
             prev_first_started_at=row.prev_first_started_at,
+            prev_started_at=row.prev_started_at,
             claimed_at=row.now,
             checkpoints=dict(row.checkpoints or {}),
         )
+
+    def defer_params(self) -> dict[str, Any]:
+        """Hand the run back as if never claimed (for a worker that knows the task)."""
+        return {
+            "run": self.run_id,
+            "delay": UNKNOWN_TASK_DELAY,
+            "prev_started_at": self.prev_started_at,
+            "prev_first_started_at": self.prev_first_started_at,
+        }
 
     def policy_violation(self) -> str | None:
         """Why the cancellation policy says this run must not start, if it does."""
@@ -112,15 +123,27 @@ class RunState:
         self.claim_timeout = claim_timeout
         self.checkpoints = run.checkpoints
         self._seen: dict[str, int] = {}
+        self._issued: set[str] = set()
 
     # -- naming and replay -----------------------------------------------------
 
     def checkpoint_name(self, name: str) -> str:
-        """``name`` the first time, then ``name#2``, ``name#3``... in execution order."""
+        """``name`` the first time, then ``name#2``, ``name#3``... in execution order.
+
+        A generated name never reuses one already handed out in this execution
+        (a step the user named ``poll#2``, say): numbering skips past it. The
+        order of calls is the same on every replay, so the names are too.
+        """
         _core.check_name("step name", name)
-        count = self._seen.get(name, 0) + 1
+        count = self._seen.get(name, 0)
+        while True:
+            count += 1
+            candidate = name if count == 1 else f"{name}#{count}"
+            if candidate not in self._issued:
+                break
         self._seen[name] = count
-        return name if count == 1 else f"{name}#{count}"
+        self._issued.add(candidate)
+        return candidate
 
     def begin(self, name: str) -> StepHandle:
         checkpoint = self.checkpoint_name(name)

@@ -9,6 +9,7 @@ serialised exactly once, by ``_core.encode_json``.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import (
     Float,
@@ -46,6 +47,15 @@ LIVE_STATES = ("pending", "running", "sleeping")
 NOW: ColumnElement[datetime] = func.absurd.now(type_=TIMESTAMP(timezone=True))
 
 
+def state_in(column: ColumnElement[str], *states: str) -> ColumnElement[bool]:
+    """``column IN ('a', 'b')`` with the states as SQL literals, not bind
+    parameters: a generic (prepared) plan can then still match the partial
+    indexes, whose predicates name the same literals. States are constants.
+    """
+    literals = [literal_column(f"'{state}'", Text) for state in states]
+    return column == literals[0] if len(literals) == 1 else column.in_(literals)
+
+
 def json_param(name: str) -> ColumnElement[object]:
     """A bind parameter carrying JSON text, cast to jsonb."""
     return cast(bindparam(name, type_=Text), JSONB)
@@ -79,7 +89,9 @@ def delete_waits_of(run_ids: CTE, name: str) -> CTE:
     )
 
 
-def task_follows(run_update: CTE, name: str, state: str, *where: ColumnElement[bool]) -> CTE:
+def task_follows(
+    run_update: CTE, name: str, state: str, *where: ColumnElement[bool], **values: Any
+) -> CTE:
     """A CTE moving the tasks of the runs just updated to ``state``.
 
     It reads the run update's RETURNING rows, so the run is always locked
@@ -88,7 +100,7 @@ def task_follows(run_update: CTE, name: str, state: str, *where: ColumnElement[b
     return (
         update(tasks)
         .where(tasks.c.task_id == run_update.c.task_id, *where)
-        .values(state=state)
+        .values(state=state, **values)
         .returning(tasks.c.task_id)
         .cte(name)
     )
@@ -114,6 +126,7 @@ existing_queues = select(queues.c.queue_name).where(
 _recordset = (
     func.jsonb_to_recordset(json_param("items"))
     .table_valued(
+        column("position", Integer),
         column("task_id", UUID(as_uuid=True)),
         column("run_id", UUID(as_uuid=True)),
         column("task_name", Text),
@@ -163,7 +176,11 @@ _inserted_tasks = (
             literal(1, Integer),
             _items.c.run_id,
             NOW,
-        ).select_from(_items.join(_queue_row, true())),
+        )
+        .select_from(_items.join(_queue_row, true()))
+        # Concurrent batches that share idempotency keys take the key locks in
+        # one order, so they wait for each other instead of deadlocking.
+        .order_by(_items.c.idempotency_key, _items.c.position),
     )
     .on_conflict_do_nothing(
         index_elements=[tasks.c.queue_name, tasks.c.idempotency_key],
@@ -231,21 +248,42 @@ emit_event = select(
 )
 
 # Second statement of an emit, after the first has taken the event row's lock:
-# a fresh snapshot sees every waiter that committed before us.
-_woken_waits = (
-    delete(waits)
-    .where(waits.c.queue_name == q_param, waits.c.event_name == bindparam("event", type_=Text))
-    .returning(waits.c.run_id, waits.c.task_id, waits.c.step_name)
-    .cte("woken_waits")
+# a fresh snapshot sees every waiter that committed before us. Locks go run,
+# then task, then wait row (as in cancel and fail), runs in run_id order.
+_event_param = bindparam("event", type_=Text)
+_waiting_runs = (
+    select(runs.c.run_id)
+    .where(
+        runs.c.run_id.in_(
+            select(waits.c.run_id).where(
+                waits.c.queue_name == q_param, waits.c.event_name == _event_param
+            )
+        ),
+        state_in(runs.c.state, "sleeping"),
+    )
+    .order_by(runs.c.run_id)
+    .with_for_update(key_share=True)
+    .cte("waiting_runs")
 )
 _woken_runs = (
     update(runs)
-    .where(runs.c.run_id == _woken_waits.c.run_id, runs.c.state == "sleeping")
+    .where(runs.c.run_id == _waiting_runs.c.run_id, state_in(runs.c.state, "sleeping"))
     .values(state="pending", available_at=NOW, wake_event=None)
     .returning(runs.c.run_id, runs.c.task_id, runs.c.queue_name)
     .cte("woken_runs")
 )
 _woken_tasks = task_follows(_woken_runs, "woken_tasks", "pending", tasks.c.state == "sleeping")
+_woken_waits = (
+    delete(waits)
+    .where(
+        waits.c.run_id.in_(select(_woken_runs.c.run_id)),
+        waits.c.queue_name == q_param,
+        waits.c.event_name == _event_param,
+        count_of(_woken_tasks) >= 0,  # tasks before wait rows
+    )
+    .returning(waits.c.run_id, waits.c.task_id, waits.c.step_name)
+    .cte("woken_waits")
+)
 _event_checkpoints = (
     pg_insert(checkpoints)
     .from_select(
@@ -256,8 +294,6 @@ _event_checkpoints = (
             func.jsonb_build_object("payload", json_param("payload_json")),
             _woken_waits.c.run_id,
             NOW,
-        ).select_from(
-            _woken_waits.join(_woken_runs, _woken_runs.c.run_id == _woken_waits.c.run_id)
         ),
     )
     .on_conflict_do_nothing()
@@ -315,6 +351,21 @@ cancel_task = select(
     .where(tasks.c.task_id == t_param, tasks.c.queue_name == q_param)
     .scalar_subquery()
     .label("headers"),
+)
+
+# Second statement of a cancel that cancelled the task: the task row is ours
+# now, and a fresh snapshot sees a run that a concurrent failure inserted
+# (its retry) while the first statement waited for a lock.
+_late_runs = (
+    update(runs)
+    .where(runs.c.task_id == t_param, runs.c.state.in_(LIVE_STATES))
+    .values(state="cancelled", finished_at=NOW, claimed_by=None, claim_expires_at=None)
+    .returning(runs.c.run_id)
+    .cte("late_runs")
+)
+cancel_late_runs = select(
+    count_of(_late_runs).label("runs"),
+    count_of(delete_waits_of(_late_runs, "late_waits")).label("waits"),
 )
 
 # -- results -----------------------------------------------------------------

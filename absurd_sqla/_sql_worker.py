@@ -12,6 +12,8 @@ update reads the run update's RETURNING rows, so it cannot lock first.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     Boolean,
     Float,
@@ -25,13 +27,14 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     null,
     or_,
     select,
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -45,6 +48,7 @@ from ._sql import (
     notify,
     q_param,
     seconds,
+    state_in,
     task_follows,
 )
 from .models import CLAIMABLE_STATES, TERMINAL_STATES, checkpoints, events, runs, tasks, waits
@@ -54,16 +58,18 @@ task_param = bindparam("task", type_=UUID(as_uuid=True))
 step_param = bindparam("step", type_=Text)
 
 LEASE_OK = or_(runs.c.claim_expires_at.is_(None), runs.c.claim_expires_at > NOW)
-_owns_run = (runs.c.run_id == run_param, runs.c.state == "running", LEASE_OK)
+_owns_run = (runs.c.run_id == run_param, state_in(runs.c.state, "running"), LEASE_OK)
 
 # A claim_timeout <= 0 means "no expiry"; otherwise now + claim_timeout.
 _fresh_lease = case(
     (cast(bindparam("claim_timeout"), Float) > 0, NOW + seconds("claim_timeout")),
     else_=null(),
 )
-# Extending keeps a no-expiry run without expiry.
+# Extending keeps a no-expiry run without expiry, and never shortens a longer
+# lease (a heartbeat(600) is not undone by the next checkpoint).
 _extended_lease = case(
-    (runs.c.claim_expires_at.is_(None), null()), else_=NOW + seconds("claim_timeout")
+    (runs.c.claim_expires_at.is_(None), null()),
+    else_=func.greatest(runs.c.claim_expires_at, NOW + seconds("claim_timeout")),
 )
 
 
@@ -78,13 +84,15 @@ _candidates = (
     select(
         runs.c.run_id,
         runs.c.available_at,
+        runs.c.started_at.label("prev_started_at"),
         tasks.c.first_started_at.label("prev_first_started_at"),
     )
     .join(tasks, tasks.c.task_id == runs.c.task_id)
     .where(
         runs.c.queue_name == q_param,
-        runs.c.state.in_(CLAIMABLE_STATES),
+        state_in(runs.c.state, *CLAIMABLE_STATES),
         runs.c.available_at <= NOW,
+        ~state_in(tasks.c.state, *TERMINAL_STATES),  # backstop: a finished task never runs
     )
     .order_by(runs.c.available_at)
     .limit(bindparam("batch_size", type_=Integer))
@@ -130,6 +138,7 @@ claim = (
         _claimed.c.claim_expires_at,
         _claimed_tasks,
         _candidates.c.prev_first_started_at,
+        _candidates.c.prev_started_at,
         NOW.label("now"),
         # Checkpoints ride along with the claim: no second round trip to replay.
         select(
@@ -162,7 +171,7 @@ expired_runs = (
     .join(tasks, tasks.c.task_id == runs.c.task_id)
     .where(
         runs.c.queue_name == q_param,
-        runs.c.state == "running",
+        state_in(runs.c.state, "running"),
         runs.c.claim_expires_at < NOW,
     )
     .order_by(runs.c.claim_expires_at)
@@ -401,11 +410,19 @@ _deferred = (
         available_at=NOW + seconds("delay"),
         claimed_by=None,
         claim_expires_at=None,
+        # Not started after all: max_delay / max_duration keep counting right.
+        started_at=bindparam("prev_started_at", type_=TIMESTAMP(timezone=True)),
     )
     .returning(runs.c.task_id)
     .cte("deferred")
 )
-_deferred_task = task_follows(_deferred, "deferred_task", "pending", tasks.c.state == "running")
+_deferred_task = task_follows(
+    _deferred,
+    "deferred_task",
+    "pending",
+    tasks.c.state == "running",
+    first_started_at=bindparam("prev_first_started_at", type_=TIMESTAMP(timezone=True)),
+)
 defer_run = select(count_of(_deferred).label("deferred"), count_of(_deferred_task).label("tasks"))
 
 # -- finishing ---------------------------------------------------------------
@@ -456,22 +473,6 @@ _failed = (
     .returning(runs.c.run_id, runs.c.task_id, runs.c.attempt, runs.c.queue_name)
     .cte("failed_run")
 )
-_retry_run = (
-    insert(runs)
-    .from_select(
-        ["run_id", "task_id", "queue_name", "attempt", "state", "available_at"],
-        select(
-            _new_run,
-            _failed.c.task_id,
-            _failed.c.queue_name,
-            _failed.c.attempt + 1,
-            literal("pending", Text),
-            NOW + seconds("delay"),
-        ).where(_retry),
-    )
-    .returning(runs.c.run_id)
-    .cte("retry_run")
-)
 _failed_task = (
     update(tasks)
     .where(tasks.c.task_id == _failed.c.task_id, tasks.c.state.not_in(TERMINAL_STATES))
@@ -481,8 +482,28 @@ _failed_task = (
         last_run_id=case((_retry, _new_run), else_=tasks.c.last_run_id),
         finished_at=case((_retry, null()), else_=NOW),
     )
-    .returning(tasks.c.task_id)
+    .returning(tasks.c.task_id, tasks.c.queue_name, tasks.c.state)
     .cte("failed_task")
+)
+# The retry run follows the task update: none for a task that was cancelled
+# (or otherwise finished) meanwhile.
+_retry_run = (
+    insert(runs)
+    .from_select(
+        ["run_id", "task_id", "queue_name", "attempt", "state", "available_at"],
+        select(
+            _new_run,
+            _failed_task.c.task_id,
+            _failed_task.c.queue_name,
+            _failed.c.attempt + 1,
+            literal("pending", Text),
+            NOW + seconds("delay"),
+        )
+        .select_from(_failed_task.join(_failed, _failed.c.task_id == _failed_task.c.task_id))
+        .where(_retry),
+    )
+    .returning(runs.c.run_id)
+    .cte("retry_run")
 )
 _failed_waits = delete_waits_of(_failed, "failed_waits")
 fail_run = select(
@@ -563,17 +584,28 @@ def _uuid_or_null(value: ColumnElement[str]) -> ColumnElement[object]:
     return case((value.regexp_match(_UUID_TEXT), cast(value, UUID(as_uuid=True))), else_=null())
 
 
+def _array_of(column: ColumnElement[Any], item_type: Any) -> ColumnElement[Any]:
+    """``CAST((SELECT array_agg(column) ...) AS type[])``: for ``= ANY(...)`` as one
+    array (primary-key probes), not the ``ANY (subquery)`` join form."""
+    return cast(select(func.array_agg(column)).scalar_subquery(), ARRAY(item_type))
+
+
 _parent = tasks.alias("parent")
+_parent_state = (
+    select(_parent.c.state)
+    .where(_parent.c.task_id == _uuid_or_null(tasks.c.headers[PARENT_HEADER].astext))
+    .scalar_subquery()
+)
 _old_tasks = (
     select(tasks.c.task_id)
     .where(
         tasks.c.queue_name == q_param,
-        tasks.c.state.in_(TERMINAL_STATES),
+        state_in(tasks.c.state, *TERMINAL_STATES),
         tasks.c.finished_at < _cutoff,
-        # A finished child stays while its parent may still await its result.
-        ~exists().where(
-            _parent.c.task_id == _uuid_or_null(tasks.c.headers[PARENT_HEADER].astext),
-            _parent.c.state.not_in(TERMINAL_STATES),
+        # A finished child stays while its parent may still await its result
+        # (a per-row primary-key probe, not a join over every task).
+        func.coalesce(_parent_state, literal_column("'completed'", Text)).in_(
+            [literal_column(f"'{state}'", Text) for state in TERMINAL_STATES]
         ),
     )
     .limit(bindparam("limit", type_=Integer))
@@ -581,29 +613,33 @@ _old_tasks = (
 )
 _deleted_tasks = (
     delete(tasks)
-    .where(tasks.c.task_id.in_(select(_old_tasks.c.task_id)))
+    # = ANY(one array): a primary-key probe per id, never a join over every task.
+    .where(tasks.c.task_id == func.any(_array_of(_old_tasks.c.task_id, UUID(as_uuid=True))))
     .returning(tasks.c.task_id)
     .cte("deleted_tasks")
+)
+_child_of_event = (
+    select(tasks.c.task_id)
+    .where(
+        tasks.c.task_id
+        == case(
+            (
+                events.c.event_name.startswith(TASK_EVENT_PREFIX, autoescape=True),
+                _uuid_or_null(func.substr(events.c.event_name, len(TASK_EVENT_PREFIX) + 1)),
+            ),
+            else_=null(),
+        )
+    )
+    .exists()
 )
 _old_events = (
     select(events.c.event_name)
     .where(
         events.c.queue_name == q_param,
         events.c.emitted_at < _cutoff,
-        # A child's "$task:<id>" event lives as long as the child task does.
-        ~exists().where(
-            tasks.c.task_id
-            == case(
-                (
-                    events.c.event_name.startswith(TASK_EVENT_PREFIX),
-                    _uuid_or_null(func.substr(events.c.event_name, len(TASK_EVENT_PREFIX) + 1)),
-                ),
-                else_=null(),
-            )
-        ),
+        ~_child_of_event,  # a child's "$task:<id>" event lives as long as the child
     )
     .limit(bindparam("limit", type_=Integer))
-    .cte("old_events")
 )
 # Placeholders written by waiters for events that never came, once nobody waits.
 _stale_placeholders = (
@@ -617,16 +653,13 @@ _stale_placeholders = (
         ),
     )
     .limit(bindparam("limit", type_=Integer))
-    .cte("stale_placeholders")
 )
+_doomed_events = _old_events.union_all(_stale_placeholders).cte("doomed_events")
 _deleted_events = (
     delete(events)
     .where(
         events.c.queue_name == q_param,
-        or_(
-            events.c.event_name.in_(select(_old_events)),
-            events.c.event_name.in_(select(_stale_placeholders)),
-        ),
+        events.c.event_name == func.any(_array_of(_doomed_events.c.event_name, Text)),
     )
     .returning(events.c.event_name)
     .cte("deleted_events")

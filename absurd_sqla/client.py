@@ -197,6 +197,7 @@ class Absurd:
         with self._connection(session) as conn:
             row = conn.execute(_sql.cancel_task, params).one()
             if row.cancelled:
+                conn.execute(_sql.cancel_late_runs, params)
                 announce_done(self, conn, params["task"], params["queue"], row.headers)
         if row.previous_state is None:
             raise TaskNotFound(f"no task {params['task']} on queue {params['queue']!r}")

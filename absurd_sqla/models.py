@@ -209,7 +209,10 @@ class Wait(Base):
     """A run suspended until an event arrives (or its timeout passes)."""
 
     __tablename__ = "waits"
-    __table_args__ = (Index(None, "queue_name", "event_name"),)
+    __table_args__ = (
+        Index(None, "queue_name", "event_name"),
+        Index(None, "task_id"),  # the cascade from a deleted task finds its waits
+    )
 
     run_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey(Run.run_id, ondelete="CASCADE"), primary_key=True

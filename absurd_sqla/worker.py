@@ -26,7 +26,6 @@ from . import _sql_worker as sqlw
 from ._run import (
     CLAIM_TIMEOUT_REASON,
     PARENT_HEADER,
-    UNKNOWN_TASK_DELAY,
     ClaimedRun,
     RunState,
     fail_params,
@@ -112,7 +111,7 @@ def execute(app: Absurd, run: ClaimedRun, worker_id: str, claim_timeout: float) 
     if registration is None:
         # Unknown here (e.g. mid-deploy): hand it back for a worker that knows it.
         log.warning("no handler for task %r; deferring run %s", run.task_name, run.run_id)
-        app._one(sqlw.defer_run, {"run": run.run_id, "delay": UNKNOWN_TASK_DELAY})
+        app._one(sqlw.defer_run, run.defer_params())
         return
     violation = run.policy_violation()
     if violation is not None:
@@ -171,9 +170,19 @@ def work_batch(
 ) -> int:
     sweep_expired(app, queue)
     claimed = claim(app, queue, worker_id, claim_timeout, batch_size)
-    for run in claimed:
+    for position, run in enumerate(claimed):
+        # Runs wait their turn here: renew each lease before starting it, and
+        # skip a run whose lease ran out meanwhile (the sweep retries it).
+        if position and not still_held(app, run, claim_timeout):
+            log.warning("run %s lost its lease before it started; skipped", run.run_id)
+            continue
         execute(app, run, worker_id, claim_timeout)
     return len(claimed)
+
+
+def still_held(app: Absurd, run: ClaimedRun, claim_timeout: float) -> bool:
+    row = app._one(sqlw.heartbeat, {"run": run.run_id, "claim_timeout": claim_timeout})
+    return bool(row.owned)
 
 
 class Listener:

@@ -211,6 +211,7 @@ def upgrade() -> None:
     op.create_index(
         op.f("ix_waits_queue_name_event_name"), "waits", ["queue_name", "event_name"], schema=SCHEMA
     )
+    op.create_index(op.f("ix_waits_task_id"), "waits", ["task_id"], schema=SCHEMA)
 
 
 def downgrade() -> None:
