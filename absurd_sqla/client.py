@@ -65,10 +65,13 @@ class Absurd:
     # -- plumbing ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _connection(self, session: SessionLike | None) -> Iterator[Connection]:
-        """The caller's transaction (never committed here) or a short one of our own."""
+    def _connection(
+        self, session: SessionLike | None, *, atomic: bool = True
+    ) -> Iterator[Connection]:
+        """The caller's transaction (never committed here), or our own: a short
+        transaction, or autocommit for a single self-contained statement."""
         if session is None:
-            with self.engine.begin() as conn:
+            with self._writer(atomic=atomic) as conn:
                 yield conn
         elif isinstance(session, Session):
             yield session.connection()
@@ -165,7 +168,8 @@ class Absurd:
         """Enqueue many tasks: one statement per queue, results in request order."""
         batches = self._app.spawn_batches(requests)
         results: list[tuple[int, SpawnResult]] = []
-        with self._connection(session) as conn:
+        # One batch is one statement: atomic on its own (the key lookup only reads).
+        with self._connection(session, atomic=len(batches) > 1) as conn:
             if len(batches) > 1:
                 # One missing queue must fail the call before any batch is written.
                 self._app.check_queues_exist(
