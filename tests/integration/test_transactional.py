@@ -113,6 +113,8 @@ def test_notify_is_sent_only_on_commit(app: Absurd, clean_db: Engine) -> None:
             session.commit()
         received = list(listener.notifies(timeout=5, stop_after=1))
         assert [n.channel for n in received] == ["absurd.default"]
+        # Nothing else is queued: the rolled-back spawn never notified, even late.
+        assert list(listener.notifies(timeout=0.2, stop_after=1)) == []
 
 
 def test_session_sees_its_own_uncommitted_task(app: Absurd, clean_db: Engine) -> None:

@@ -840,7 +840,6 @@ def test_two_claimers_never_get_the_same_run(app: Absurd) -> None:
 
 
 def test_cancel_racing_complete_and_fail_never_deadlocks(app: Absurd) -> None:
-    outcomes: Counter[str] = Counter()
     for round_ in range(20):
         gate = threading.Barrier(2, timeout=10)
         should_fail = round_ % 2 == 1
@@ -857,15 +856,15 @@ def test_cancel_racing_complete_and_fail_never_deadlocks(app: Absurd) -> None:
         worker = threading.Thread(target=execute, args=(app, run, "w", 120))
         worker.start()
         gate.wait()
-        app.cancel_task(spawned.task_id)
+        cancelled = app.cancel_task(spawned.task_id)
         worker.join(10)
         assert not worker.is_alive()
         row = task_row(app.engine, spawned.task_id)
         (run_row,) = runs_of(app.engine, spawned.task_id)
         assert row.state == run_row.state  # task and run agree
         assert row.state in ("cancelled", "failed" if should_fail else "completed")
-        outcomes[row.state] += 1
-    assert sum(outcomes.values()) == 20
+        # Whichever side won, cancel_task reported it truthfully.
+        assert cancelled is (row.state == "cancelled")
 
 
 def test_fractional_claim_timeout_still_expires(app: Absurd, clock: FakeClock) -> None:

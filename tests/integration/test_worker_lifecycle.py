@@ -482,11 +482,14 @@ def test_notify_wakes_an_idle_worker_without_waiting_for_a_poll(
     def ping(params: Any, ctx: Any) -> str:
         return "pong"
 
-    with idle_listening_worker(app, clean_db):
+    with idle_listening_worker(app, clean_db) as claims:
         spawned = app.spawn("ping", {})
         began = time.monotonic()
         snapshot = app.await_task_result(spawned.task_id, timeout=5)
         elapsed = time.monotonic() - began
+        # The idle worker's very next claim found the task: the NOTIFY woke it,
+        # not a poll (the next one was due 30 s later).
+        assert claims[:3] == [0, 0, 1]
     assert snapshot.state == "completed" and snapshot.result == "pong"
     assert elapsed < 5
 
@@ -528,8 +531,13 @@ def test_notify_wakes_a_parent_whose_child_ran_on_another_queue(
 
     with idle_listening_worker(app, clean_db) as claims:
         spawned = app.spawn("parent", {})
-        # Claims: [0, 0] idle, [1] the parent (it suspends), [0] after its slot freed.
-        wait_until(lambda: claims == [0, 0, 1, 0], "the parent ran and the worker is idle again")
+        # Claims: [0, 0] idle, [1] the parent (it suspends), then one empty claim
+        # after its slot freed (two if the handler finished before the loop had
+        # looked at its slot again: the freed slot's wake-up is then still pending).
+        wait_until(
+            lambda: claims[:3] == [0, 0, 1] and len(claims) >= 4 and not any(claims[3:]),
+            "the parent ran and the worker is idle again",
+        )
         assert task_state(clean_db, spawned.task_id) == "sleeping"
         assert app.work_batch(queue="other") == 1  # the child, inline, on its own queue
         # Woken in the database; the NOTIFY may already have had it claimed.
@@ -717,7 +725,9 @@ def test_cleanup_keeps_the_children_of_a_live_parent(
     assert task_state(clean_db, spawned.task_id) == "sleeping"
     fake_clock.advance(timedelta(days=8))
 
-    app.cleanup(older_than=timedelta(days=7))
+    # The child finished 8 days ago, but its parent is live: the child and its
+    # "$task:<id>" event stay, and nothing else is old enough.
+    assert app.cleanup(older_than=timedelta(days=7)) == (0, 0)
     run_until_idle(app)
     snapshot = app.fetch_task_result(spawned.task_id)
     assert snapshot is not None

@@ -288,6 +288,34 @@ def test_encode_json_rejects(value: Any) -> None:
     assert error.__cause__ is not None
 
 
+def test_error_hierarchy_matches_the_reference() -> None:
+    """The tree docs/reference.md documents: what callers may catch, and what they must not."""
+    import builtins
+
+    from absurd_sqla import (
+        CancelledTask,
+        LeaseLost,
+        QueueNotFound,
+        SuspendTask,
+        TaskNotFound,
+        TaskSignal,
+        TaskStateError,
+        TimeoutError,
+    )
+
+    assert issubclass(InvalidArgument, AbsurdError) and issubclass(InvalidArgument, ValueError)
+    assert issubclass(InvalidQueueName, InvalidArgument)
+    assert issubclass(NotSerializable, InvalidArgument) and issubclass(NotSerializable, TypeError)
+    for lookup in (QueueNotFound, TaskNotFound):
+        assert issubclass(lookup, AbsurdError) and issubclass(lookup, LookupError)
+    assert issubclass(TaskStateError, AbsurdError)
+    assert issubclass(TimeoutError, AbsurdError) and issubclass(TimeoutError, builtins.TimeoutError)
+    assert issubclass(AbsurdError, Exception)
+    for signal in (SuspendTask, CancelledTask, LeaseLost):
+        assert issubclass(signal, TaskSignal)
+        assert not issubclass(signal, Exception)  # `except Exception:` must not swallow it
+
+
 def test_encode_json_rejects_circular_structures() -> None:
     loop: list[Any] = []
     loop.append(loop)
