@@ -162,7 +162,10 @@ class RunState:
 
     def heartbeat_params(self, seconds: float | None) -> dict[str, Any]:
         extend = _core.check_seconds("heartbeat seconds", seconds)
-        return {"run": self.run.run_id, "claim_timeout": extend or self.claim_timeout}
+        return {
+            "run": self.run.run_id,
+            "claim_timeout": self.claim_timeout if extend is None else extend,
+        }
 
     def sleep_params(
         self, handle: StepHandle, *, wake_at: datetime | None, seconds: float | None

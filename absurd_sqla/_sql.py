@@ -142,6 +142,15 @@ _recordset = (
     .render_derived(name="item", with_types=True)
 )
 _items = select(_recordset).cte("items")  # parsed once, read by both inserts
+
+
+def _due_at(items: CTE) -> ColumnElement[datetime]:
+    """When a spawned item's first run is due: ``run_after``, or now + its delay."""
+    return func.coalesce(
+        items.c.run_after, NOW + func.coalesce(items.c.delay_seconds, 0.0) * ONE_SECOND
+    )
+
+
 _queue_row = select(queues.c.queue_name).where(queues.c.queue_name == q_param).cte("queue_row")
 
 _inserted_tasks = (
@@ -175,7 +184,9 @@ _inserted_tasks = (
             literal("pending", Text),
             literal(1, Integer),
             _items.c.run_id,
-            NOW,
+            # enqueued_at is when the task first becomes due, so a max_delay
+            # policy counts from run_after, not from the spawn.
+            func.greatest(NOW, _due_at(_items)),
         )
         .select_from(_items.join(_queue_row, true()))
         # Concurrent batches that share idempotency keys take the key locks in
@@ -200,10 +211,7 @@ _inserted_runs = (
             q_param,
             literal(1, Integer),
             literal("pending", Text),
-            func.coalesce(
-                _run_items.c.run_after,
-                NOW + func.coalesce(_run_items.c.delay_seconds, 0.0) * ONE_SECOND,
-            ),
+            _due_at(_run_items),
         ).select_from(
             _inserted_tasks.join(_run_items, _run_items.c.task_id == _inserted_tasks.c.task_id)
         ),

@@ -654,7 +654,11 @@ _stale_placeholders = (
     )
     .limit(bindparam("limit", type_=Integer))
 )
-_doomed_events = _old_events.union_all(_stale_placeholders).cte("doomed_events")
+_doomed_events = (
+    select(_old_events.union_all(_stale_placeholders).subquery().c.event_name)
+    .limit(bindparam("limit", type_=Integer))
+    .cte("doomed_events")
+)
 _deleted_events = (
     delete(events)
     .where(

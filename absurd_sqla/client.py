@@ -97,7 +97,7 @@ class Absurd:
             return conn.execute(statement, params).one()
 
     def close(self) -> None:
-        """Dispose of the connection pool (only matters for a URL ``bind``)."""
+        """Dispose of the engine's connection pool (a passed Engine's too)."""
         self.engine.dispose()
 
     # -- queues --------------------------------------------------------------

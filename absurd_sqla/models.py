@@ -113,6 +113,7 @@ class Task(Base):
     attempts: Mapped[int] = mapped_column(server_default="1")
     last_run_id: Mapped[uuid.UUID | None]
     result: Mapped[dict[str, Any] | None]
+    # When the task first became due: the spawn, or its run_after if later.
     enqueued_at: Mapped[datetime] = mapped_column(server_default=_NOW)
     first_started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

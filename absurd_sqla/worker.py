@@ -214,8 +214,9 @@ class Listener:
         while not self._stop.is_set():
             try:
                 self._listen()
-                backoff = LISTEN_RETRY_MIN
             except Exception:
+                if self.connected.is_set():  # it had worked: start the backoff afresh
+                    backoff = LISTEN_RETRY_MIN
                 log.warning(
                     "LISTEN on %s failed; polling until it reconnects in %.1fs",
                     self._channel,

@@ -544,7 +544,9 @@ def test_spawn_run_after_seconds_uses_database_clock(app: Absurd, clean_db: Engi
     assert run_row(clean_db, as_timedelta.run_id).available_at == FAKE_NOW + timedelta(minutes=2)
     assert run_row(clean_db, immediate.run_id).available_at == FAKE_NOW
     assert run_row(clean_db, default.run_id).available_at == FAKE_NOW
-    assert task_row(clean_db, delayed.task_id).enqueued_at == FAKE_NOW
+    # enqueued_at is when the task first becomes due (max_delay counts from it).
+    assert task_row(clean_db, delayed.task_id).enqueued_at == FAKE_NOW + timedelta(seconds=90)
+    assert task_row(clean_db, default.task_id).enqueued_at == FAKE_NOW
     # The fake clock was transaction-local: it does not leak into the pool.
     assert abs(db_now(clean_db) - datetime.now(UTC)) < timedelta(minutes=5)
 

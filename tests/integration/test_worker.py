@@ -951,3 +951,36 @@ def test_ctx_emit_event_is_fenced_after_cancel(app: Absurd) -> None:
     assert names == {"first"}
     snapshot = app.fetch_task_result(spawned.task_id)
     assert snapshot is not None and snapshot.state == "cancelled"
+
+
+def test_max_delay_counts_from_run_after(app: Absurd, clock: FakeClock) -> None:
+    @app.register_task("scheduled")
+    def handler(params: Any, ctx: TaskContext) -> str:
+        return "ran"
+
+    prompt = app.spawn("scheduled", {}, run_after=120, cancellation={"max_delay": 60})
+    late = app.spawn("scheduled", {}, run_after=120, cancellation={"max_delay": 60})
+    clock.advance(150)  # due 30 s ago: within max_delay
+    assert app.work_batch(batch_size=1) == 1
+    clock.advance(31)  # the other is now 61 s past due
+    run_until_idle(app)
+    # Whichever was claimed first ran 30 s after it was due; the other, 61 s.
+    states = sorted(task_row(app.engine, s.task_id).state for s in (prompt, late))
+    assert states == ["cancelled", "completed"]
+
+
+def test_cleanup_deletes_at_most_limit_events(app: Absurd, clock: FakeClock) -> None:
+    for i in range(3):
+        app.emit_event(f"old-{i}", i)
+    with app.engine.begin() as conn:  # three abandoned placeholders too
+        conn.execute(
+            text(
+                "INSERT INTO absurd.events (queue_name, event_name) "
+                "SELECT 'default', 'waited-' || g FROM generate_series(1, 3) g"
+            )
+        )
+    clock.advance(3600)
+    assert app.cleanup(older_than=60, limit=2) == (0, 2)
+    assert app.cleanup(older_than=60, limit=2) == (0, 2)
+    assert app.cleanup(older_than=60, limit=2) == (0, 2)
+    assert app.cleanup(older_than=60, limit=2) == (0, 0)
