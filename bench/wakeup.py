@@ -1,4 +1,4 @@
-"""Wake-up latency: from ``emit_event`` returning (committed) to the waiting
+"""Wake-up latency: from calling ``emit_event`` (which commits) to the waiting
 task running again in an idle worker, via LISTEN/NOTIFY (SPEC §6).
 
     python bench/wakeup.py [--rounds 50]
@@ -13,6 +13,7 @@ import argparse
 import statistics
 import threading
 import time
+import uuid
 from typing import Any
 
 from absurd_sqla import Absurd, TaskContext, migrate
@@ -46,13 +47,17 @@ def main() -> None:
         )
         worker.start()
         latencies = []
+        run_tag = uuid.uuid4().hex[:8]
         for i in range(args.rounds):
-            event = f"go:{i}"
+            event = f"go:{run_tag}:{i}"  # fresh names: the database may be reused
             spawned = app.spawn("waiter", {"event": event})
             assert suspended.acquire(timeout=30)
+            deadline = time.monotonic() + 30
             while (snapshot := app.fetch_task_result(spawned.task_id)) is None or (
                 snapshot.state != "sleeping"
             ):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"task {spawned.task_id} never suspended")
                 time.sleep(0.001)  # the suspension commits just after the semaphore
             sent = time.perf_counter()
             app.emit_event(event, {"i": i})
