@@ -20,17 +20,16 @@ from sqlalchemy import (
     column,
     delete,
     func,
-    insert,
     literal,
     literal_column,
     select,
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID, Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.selectable import CTE
+from sqlalchemy.sql.selectable import CTE, Select
 
 from .models import (
     TERMINAL_STATES,
@@ -103,6 +102,22 @@ def task_follows(
         .values(state=state, **values)
         .returning(tasks.c.task_id)
         .cte(name)
+    )
+
+
+def insert_checkpoints(rows: Select[Any]) -> Insert:
+    """``INSERT INTO checkpoints`` from ``rows``: (task_id, name, state, owner run, time)."""
+    return pg_insert(checkpoints).from_select(
+        ["task_id", "checkpoint_name", "state", "owner_run_id", "updated_at"], rows
+    )
+
+
+def insert_pending_runs(rows: Select[Any]) -> Insert:
+    """``INSERT INTO runs`` from ``rows`` of (run_id, task_id, queue, attempt,
+    available_at), each a new ``pending`` run."""
+    return pg_insert(runs).from_select(
+        ["run_id", "task_id", "queue_name", "attempt", "available_at", "state"],
+        rows.add_columns(literal("pending", Text)),
     )
 
 
@@ -202,15 +217,12 @@ _inserted_tasks = (
 )
 _run_items = _items
 _inserted_runs = (
-    insert(runs)
-    .from_select(
-        ["run_id", "task_id", "queue_name", "attempt", "state", "available_at"],
+    insert_pending_runs(
         select(
             _inserted_tasks.c.last_run_id,
             _inserted_tasks.c.task_id,
             q_param,
             literal(1, Integer),
-            literal("pending", Text),
             _due_at(_run_items),
         ).select_from(
             _inserted_tasks.join(_run_items, _run_items.c.task_id == _inserted_tasks.c.task_id)
@@ -293,9 +305,7 @@ _woken_waits = (
     .cte("woken_waits")
 )
 _event_checkpoints = (
-    pg_insert(checkpoints)
-    .from_select(
-        ["task_id", "checkpoint_name", "state", "owner_run_id", "updated_at"],
+    insert_checkpoints(
         select(
             _woken_waits.c.task_id,
             _woken_waits.c.step_name,

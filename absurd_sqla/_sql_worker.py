@@ -25,8 +25,6 @@ from sqlalchemy import (
     delete,
     exists,
     func,
-    insert,
-    literal,
     literal_column,
     null,
     or_,
@@ -44,6 +42,8 @@ from ._sql import (
     ONE_SECOND,
     count_of,
     delete_waits_of,
+    insert_checkpoints,
+    insert_pending_runs,
     json_param,
     notify,
     q_param,
@@ -188,8 +188,7 @@ _cp_owner = (
     .returning(runs.c.run_id, runs.c.task_id)
     .cte("owner")
 )
-_cp_insert = pg_insert(checkpoints).from_select(
-    ["task_id", "checkpoint_name", "state", "owner_run_id", "updated_at"],
+_cp_insert = insert_checkpoints(
     select(_cp_owner.c.task_id, step_param, json_param("value_json"), _cp_owner.c.run_id, NOW),
 )
 _cp_written = (
@@ -255,9 +254,7 @@ _wake = (
     .cte("wake")
 )
 _sleep_cp = (
-    pg_insert(checkpoints)
-    .from_select(
-        ["task_id", "checkpoint_name", "state", "owner_run_id", "updated_at"],
+    insert_checkpoints(
         select(_wake.c.task_id, step_param, func.to_jsonb(_wake.c.wake_at), _wake.c.run_id, NOW),
     )
     .on_conflict_do_nothing()
@@ -329,9 +326,7 @@ _outcome = select(
 ).cte("decision")
 _resolved = or_(_outcome.c.emitted, _outcome.c.timed_out)
 _await_cp = (
-    pg_insert(checkpoints)
-    .from_select(
-        ["task_id", "checkpoint_name", "state", "owner_run_id", "updated_at"],
+    insert_checkpoints(
         select(
             _outcome.c.task_id,
             step_param,
@@ -488,15 +483,12 @@ _failed_task = (
 # The retry run follows the task update: none for a task that was cancelled
 # (or otherwise finished) meanwhile.
 _retry_run = (
-    insert(runs)
-    .from_select(
-        ["run_id", "task_id", "queue_name", "attempt", "state", "available_at"],
+    insert_pending_runs(
         select(
             _new_run,
             _failed_task.c.task_id,
             _failed_task.c.queue_name,
             _failed.c.attempt + 1,
-            literal("pending", Text),
             NOW + seconds("delay"),
         )
         .select_from(_failed_task.join(_failed, _failed.c.task_id == _failed_task.c.task_id))
@@ -524,15 +516,12 @@ _retry_source = (
     .cte("retry_source")
 )
 _manual_run = (
-    insert(runs)
-    .from_select(
-        ["run_id", "task_id", "queue_name", "attempt", "state", "available_at"],
+    insert_pending_runs(
         select(
             _new_run,
             _retry_source.c.task_id,
             q_param,
             _retry_source.c.attempts + 1,
-            literal("pending", Text),
             NOW,
         ),
     )
