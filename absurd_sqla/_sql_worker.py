@@ -181,15 +181,16 @@ expired_runs = (
 
 # -- checkpoints and leases --------------------------------------------------
 
-_cp_owner = (
+# Renew the lease of a run this worker still owns; no row means fenced.
+_renewed = (
     update(runs)
     .where(*_owns_run)
     .values(claim_expires_at=_extended_lease)
-    .returning(runs.c.run_id, runs.c.task_id)
+    .returning(runs.c.run_id, runs.c.task_id, runs.c.claim_expires_at)
     .cte("owner")
 )
 _cp_insert = insert_checkpoints(
-    select(_cp_owner.c.task_id, step_param, json_param("value_json"), _cp_owner.c.run_id, NOW),
+    select(_renewed.c.task_id, step_param, json_param("value_json"), _renewed.c.run_id, NOW),
 )
 _cp_written = (
     _cp_insert.on_conflict_do_update(
@@ -204,23 +205,16 @@ _cp_written = (
     .cte("written")
 )
 write_checkpoint = select(
-    count_of(_cp_owner).label("owned"),
+    count_of(_renewed).label("owned"),
     count_of(_cp_written).label("written"),
     _run_state().label("run_state"),
     NOW.label("now"),
 )
 
-_hb_owner = (
-    update(runs)
-    .where(*_owns_run)
-    .values(claim_expires_at=_extended_lease)
-    .returning(runs.c.run_id, runs.c.claim_expires_at)
-    .cte("owner")
-)
 heartbeat = select(
-    count_of(_hb_owner).label("owned"),
+    count_of(_renewed).label("owned"),
     _run_state().label("run_state"),
-    select(_hb_owner.c.claim_expires_at).scalar_subquery().label("claim_expires_at"),
+    select(_renewed.c.claim_expires_at).scalar_subquery().label("claim_expires_at"),
     NOW.label("now"),
 )
 
