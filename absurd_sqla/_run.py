@@ -254,12 +254,11 @@ class RunState:
         return f"{self.run.task_id}:{handle.checkpoint_name}"
 
     @staticmethod
-    def spawn_checkpoint(result: SpawnResult, queue: str) -> dict[str, Any]:
+    def spawn_checkpoint(result: SpawnResult) -> dict[str, Any]:
         return {
             "task_id": str(result.task_id),
             "run_id": str(result.run_id),
             "attempt": result.attempt,
-            "queue": queue,
         }
 
     @staticmethod

@@ -206,10 +206,9 @@ class TaskContext:
             return self._state.spawn_from_checkpoint(handle.state)
         headers = {**(options.pop("headers", None) or {}), PARENT_HEADER: str(self.task_id)}
         options.setdefault("idempotency_key", self._state.child_key(handle))
-        queue = self._app._app.defaults_for(task_name, options.get("queue")).queue
         with self._app.engine.begin() as conn:
             result = self._app.spawn(task_name, params, session=conn, headers=headers, **options)
-            value = self._state.spawn_checkpoint(result, queue)
+            value = self._state.spawn_checkpoint(result)
             row = conn.execute(
                 sqlw.write_checkpoint, self._state.checkpoint_params(handle, value)
             ).one()
