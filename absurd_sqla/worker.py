@@ -19,8 +19,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, Row
 from sqlalchemy.pool import QueuePool
+from sqlalchemy.sql import Executable
 
 from . import _sql_worker as sqlw
 from ._run import (
@@ -138,10 +139,7 @@ def execute(app: Absurd, run: ClaimedRun, worker_id: str, claim_timeout: float) 
     except NotSerializable as exc:
         _fail(app, state, exc)
         return
-    with app._writer(atomic=is_child(run.headers)) as conn:
-        row = conn.execute(sqlw.complete_run, params).one()
-        if row.owned:
-            announce_done(app, conn, run.task_id, run.queue_name, run.headers)
+    row = _record_outcome(app, run, sqlw.complete_run, params, lambda row: bool(row.owned))
     if not row.owned:
         log.warning(
             "discarded the result of run %s: it is %s and no longer held by this worker "
@@ -151,12 +149,31 @@ def execute(app: Absurd, run: ClaimedRun, worker_id: str, claim_timeout: float) 
         )
 
 
+def _record_outcome(
+    app: Absurd,
+    run: ClaimedRun,
+    statement: Executable,
+    params: dict[str, Any],
+    finished: Callable[[Row[Any]], bool],
+) -> Row[Any]:
+    """Write a run's outcome; a child that ``finished`` also wakes its parent, in
+    the same transaction (otherwise the single statement runs in autocommit)."""
+    with app._writer(atomic=is_child(run.headers)) as conn:
+        row = conn.execute(statement, params).one()
+        if finished(row):
+            announce_done(app, conn, run.task_id, run.queue_name, run.headers)
+    return row
+
+
 def _fail(app: Absurd, state: RunState, exc: BaseException) -> None:
     run = state.run
-    with app._writer(atomic=is_child(run.headers)) as conn:
-        row = conn.execute(sqlw.fail_run, state.fail_params(failure_reason(exc))).one()
-        if row.owned and not row.retried:
-            announce_done(app, conn, run.task_id, run.queue_name, run.headers)
+    row = _record_outcome(
+        app,
+        run,
+        sqlw.fail_run,
+        state.fail_params(failure_reason(exc)),
+        lambda row: bool(row.owned and not row.retried),
+    )
     if not row.owned:
         log.warning("could not record the failure of run %s: it is %s", run.run_id, row.run_state)
     else:
