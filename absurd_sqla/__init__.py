@@ -2,6 +2,7 @@
 
 from ._app import Hooks
 from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot, uuid7
+from ._current import get_current_context
 from ._run import StepHandle
 from .client import Absurd
 from .context import TaskContext
@@ -12,8 +13,10 @@ from .errors import (
     InvalidQueueName,
     LeaseLost,
     NotSerializable,
+    QueueMismatch,
     QueueNotFound,
     SuspendTask,
+    TaskAlreadyRegistered,
     TaskNotFound,
     TaskSignal,
     TaskStateError,
@@ -30,17 +33,20 @@ __all__ = [
     "InvalidQueueName",
     "LeaseLost",
     "NotSerializable",
+    "QueueMismatch",
     "QueueNotFound",
     "SpawnRequest",
     "SpawnResult",
     "StepHandle",
     "SuspendTask",
+    "TaskAlreadyRegistered",
     "TaskContext",
     "TaskNotFound",
     "TaskResultSnapshot",
     "TaskSignal",
     "TaskStateError",
     "TimeoutError",
+    "get_current_context",
     "metadata",
     "uuid7",
 ]

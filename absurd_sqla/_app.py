@@ -13,18 +13,59 @@ from typing import Any
 from . import _core
 from ._core import SpawnRequest, SpawnResult, TaskDefaults, TaskResultSnapshot
 from ._sql import channel_for
-from .errors import InvalidArgument, QueueNotFound
+from .errors import (
+    InvalidArgument,
+    QueueMismatch,
+    QueueNotFound,
+    TaskAlreadyRegistered,
+    TaskNotFound,
+    TaskStateError,
+)
 
 TaskHandler = Callable[..., Any]
 
 
 @dataclass(frozen=True, slots=True)
 class TaskRegistration:
+    """A handler and the defaults every spawn of its task uses unless it overrides them."""
+
     name: str
     handler: TaskHandler
     queue: str
-    default_max_attempts: int | None
-    default_cancellation: Mapping[str, Any] | None
+    max_attempts: int | None
+    retry_strategy: Mapping[str, Any] | None
+    cancellation: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """A worker's checked arguments (``work_batch`` uses the first four)."""
+
+    queue: str
+    worker_id: str
+    claim_timeout: float
+    batch_size: int
+    concurrency: int = 1
+    poll_interval: float = 0.25
+
+    @classmethod
+    def checked(
+        cls,
+        queue: str,
+        worker_id: object,
+        claim_timeout: object,
+        batch_size: object,
+        concurrency: object = 1,
+        poll_interval: object = 0.25,
+    ) -> WorkerSettings:
+        return cls(
+            queue=queue,
+            worker_id=_core.check_name("worker_id", worker_id),
+            claim_timeout=_core.check_claim_timeout(claim_timeout),
+            batch_size=_core.check_positive_int("batch_size", batch_size),
+            concurrency=_core.check_positive_int("concurrency", concurrency),
+            poll_interval=_core.check_poll_interval(poll_interval),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +122,29 @@ class AppCore:
         self,
         name: str,
         handler: TaskHandler,
-        queue: str | None,
-        default_max_attempts: int | None,
-        default_cancellation: Mapping[str, Any] | None,
+        *,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        retry_strategy: Mapping[str, Any] | None = None,
+        cancellation: Mapping[str, Any] | None = None,
     ) -> TaskRegistration:
+        """Check everything, then add the task; a name registered twice is an error."""
         _core.check_name("task name", name)
+        if not callable(handler):
+            raise InvalidArgument(f"the handler of task {name!r} must be callable, got {handler!r}")
         registration = TaskRegistration(
             name=name,
             handler=handler,
             queue=self.queue(queue),
-            default_max_attempts=_core.check_max_attempts(default_max_attempts),
-            default_cancellation=_core.check_cancellation(default_cancellation),
+            max_attempts=_core.check_max_attempts(max_attempts),
+            retry_strategy=_core.check_retry_strategy(retry_strategy),
+            cancellation=_core.check_cancellation(cancellation),
         )
+        if name in self.registry:
+            raise TaskAlreadyRegistered(
+                f"task {name!r} is already registered (to {self.registry[name].handler!r}); "
+                "register each task name once per app"
+            )
         self.registry[name] = registration
         return registration
 
@@ -100,11 +152,12 @@ class AppCore:
         registration = self.registry.get(task_name)
         if registration is None:
             return TaskDefaults(self.queue(queue), self.default_max_attempts, None)
-        max_attempts = registration.default_max_attempts
+        max_attempts = registration.max_attempts
         return TaskDefaults(
             queue=self.queue(queue if queue is not None else registration.queue),
             max_attempts=max_attempts if max_attempts is not None else self.default_max_attempts,
-            cancellation=registration.default_cancellation,
+            cancellation=registration.cancellation,
+            retry_strategy=registration.retry_strategy,
         )
 
     def spawn_batches(self, requests: Iterable[SpawnRequest]) -> list[SpawnBatch]:
@@ -153,14 +206,19 @@ class AppCore:
             )
         return results
 
-    @staticmethod
-    def snapshot(row: Any) -> TaskResultSnapshot | None:
+    @classmethod
+    def snapshot(cls, params: Mapping[str, Any], row: Any) -> TaskResultSnapshot | None:
+        """``fetch_task_result``'s answer: None for an unknown task."""
         if row is None:
             return None
+        cls.check_found(params, row.state, row.queue_name)
         return _core.snapshot_from_row(row.state, row.result, row.failure_reason)
 
     def emit_params(self, event_name: str, payload: Any, queue_name: str | None) -> dict[str, Any]:
-        queue = self.queue(queue_name)
+        return self.emit_params_for(self.queue(queue_name), event_name, payload)
+
+    @staticmethod
+    def emit_params_for(queue: str, event_name: str, payload: Any) -> dict[str, Any]:
         return {
             "queue": queue,
             "event": _core.check_name("event name", event_name),
@@ -168,9 +226,37 @@ class AppCore:
             "channel": channel_for(queue),
         }
 
-    def task_params(self, task_id: uuid.UUID | str, queue_name: str | None) -> dict[str, Any]:
-        try:
-            tid = task_id if isinstance(task_id, uuid.UUID) else uuid.UUID(str(task_id))
-        except ValueError as exc:
-            raise InvalidArgument(f"task_id must be a UUID, got {task_id!r}") from exc
-        return {"task": tid, "queue": self.queue(queue_name)}
+    @staticmethod
+    def task_params(task_id: uuid.UUID | str, queue_name: str | None) -> dict[str, Any]:
+        """Parameters of a statement that finds a task by id; ``queue`` is None
+        (any queue) unless the caller named one, which must then match."""
+        return {
+            "task": _core.check_task_id(task_id),
+            "queue": None if queue_name is None else _core.check_queue_name(queue_name),
+        }
+
+    @staticmethod
+    def check_found(params: Mapping[str, Any], state: str | None, task_queue: str | None) -> None:
+        """Raise if the task does not exist, or lives on another queue than the caller named."""
+        if state is None or task_queue is None:
+            raise TaskNotFound(f"task {params['task']} not found", task_id=params["task"])
+        if params["queue"] is not None and params["queue"] != task_queue:
+            raise QueueMismatch(
+                f"task {params['task']} is on queue {task_queue!r}, not {params['queue']!r}",
+                task_id=params["task"],
+                queue=task_queue,
+                state=state,
+            )
+
+    @classmethod
+    def check_retryable(
+        cls, params: Mapping[str, Any], state: str | None, task_queue: str | None
+    ) -> None:
+        cls.check_found(params, state, task_queue)
+        if state != "failed":
+            raise TaskStateError(
+                f"only failed tasks can be retried; task {params['task']} is {state}",
+                task_id=params["task"],
+                queue=task_queue,
+                state=state,
+            )

@@ -68,11 +68,20 @@ def check_queue_name(name: object) -> str:
     return name
 
 
-def check_name(kind: str, name: object) -> str:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or "\x00" in name:
+def check_name(kind: str, name: object, *, max_length: int = MAX_NAME_LENGTH) -> str:
+    """A name or key stored as text: non-empty, bounded, and storable in UTF-8
+    (no NUL, no lone surrogate), checked before any statement runs."""
+    if not isinstance(name, str) or not name or len(name) > max_length or "\x00" in name:
         raise InvalidArgument(
-            f"{kind} must be a non-empty string of at most 255 characters without NUL"
+            f"{kind} must be a non-empty string of at most {max_length} characters "
+            f"without NUL, got {name!r:.80}"
         )
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{kind} {name!r:.80} cannot be stored: it is not valid UTF-8 ({exc.reason})"
+        ) from exc
     return name
 
 
@@ -88,6 +97,38 @@ def check_seconds(kind: str, value: object, *, allow_none: bool = True) -> float
     if value > MAX_SECONDS:
         raise InvalidArgument(f"{kind} must be at most {MAX_SECONDS} seconds (100 years)")
     return float(value)
+
+
+def check_task_id(task_id: object) -> uuid.UUID:
+    if isinstance(task_id, uuid.UUID):
+        return task_id
+    try:
+        return uuid.UUID(str(task_id))
+    except ValueError as exc:
+        raise InvalidArgument(f"task_id must be a UUID, got {task_id!r:.80}") from exc
+
+
+def check_positive_int(kind: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT:
+        raise InvalidArgument(f"{kind} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def check_claim_timeout(value: object) -> float:
+    """Seconds a claim holds its lease; 0 (or less) means the lease never expires."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidArgument(f"claim_timeout must be a number of seconds, got {value!r}")
+    if value > MAX_SECONDS:
+        raise InvalidArgument(f"claim_timeout must be at most {MAX_SECONDS} seconds (100 years)")
+    return float(value)
+
+
+def check_poll_interval(value: object) -> float:
+    """An idle worker's longest wait between claims: positive (0 would spin)."""
+    seconds = check_seconds("poll_interval", value, allow_none=False)
+    if not seconds:
+        raise InvalidArgument(f"poll_interval must be more than 0 seconds, got {value!r}")
+    return seconds
 
 
 def check_aware(kind: str, when: datetime) -> datetime:
@@ -111,16 +152,39 @@ def encode_json(kind: str, value: object) -> str:
 
     Also refuses what JSON allows but ``jsonb`` cannot store: NUL characters and
     lone surrogates (which would otherwise fail inside Postgres and abort the
-    caller's transaction).
+    caller's transaction); and what ``json.dumps`` would silently change:
+    mapping keys that are not strings (``{1: "a", "1": "b"}`` would lose a key).
     """
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
         text.encode("utf-8")
     except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
         raise NotSerializable(f"{kind} is not JSON-serialisable: {exc}") from exc
+    except RecursionError as exc:
+        raise NotSerializable(f"{kind} is nested too deeply to store as JSON") from exc
+    _check_keys(kind, value)
     if _JSON_NUL.search(text):
         raise NotSerializable(f"{kind} contains a NUL character, which jsonb cannot store")
     return text
+
+
+def _check_keys(kind: str, value: object) -> None:
+    """Every mapping key is a string (walked without recursion; the encoder
+    already bounded the depth)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise NotSerializable(
+                        f"{kind} has a key that is not a string: {key!r:.80} "
+                        "(JSON keys are strings; convert it yourself)"
+                    )
+                if isinstance(child, dict | list | tuple):
+                    stack.append(child)
+        elif isinstance(item, list | tuple):
+            stack.extend(child for child in item if isinstance(child, dict | list | tuple))
 
 
 RETRY_KINDS = ("fixed", "exponential", "none")
@@ -213,9 +277,13 @@ class SpawnRequest:
 
 @dataclass(frozen=True, slots=True)
 class TaskDefaults:
+    """What a spawn uses for each option it leaves out: the task's registered
+    defaults, else the app's."""
+
     queue: str
     max_attempts: int | None
     cancellation: Mapping[str, Any] | None
+    retry_strategy: Mapping[str, Any] | None = None
 
 
 def spawn_row(request: SpawnRequest, defaults: TaskDefaults, position: int = 0) -> dict[str, Any]:
@@ -245,7 +313,11 @@ def spawn_row(request: SpawnRequest, defaults: TaskDefaults, position: int = 0) 
         "task_name": request.task_name,
         "params": request.params,
         "headers": dict(request.headers) if request.headers is not None else None,
-        "retry_strategy": check_retry_strategy(request.retry_strategy),
+        "retry_strategy": check_retry_strategy(
+            request.retry_strategy
+            if request.retry_strategy is not None
+            else defaults.retry_strategy
+        ),
         "max_attempts": max_attempts if max_attempts is not None else defaults.max_attempts,
         "cancellation": cancellation,
         "idempotency_key": request.idempotency_key,

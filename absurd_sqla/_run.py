@@ -15,7 +15,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from . import _core
-from ._core import SpawnResult, TaskResultSnapshot
 from ._sql import channel_for
 from .errors import CancelledTask, InvalidArgument, LeaseLost, SuspendTask, TimeoutError
 
@@ -134,7 +133,6 @@ class RunState:
         (a step the user named ``poll#2``, say): numbering skips past it. The
         order of calls is the same on every replay, so the names are too.
         """
-        _core.check_name("step name", name)
         count = self._seen.get(name, 0)
         while True:
             count += 1
@@ -146,6 +144,18 @@ class RunState:
         return candidate
 
     def begin(self, name: str) -> StepHandle:
+        """Begin a step the caller named."""
+        _core.check_name("step name", name)
+        return self._begin(name)
+
+    def begin_named(self, step_name: str | None, prefix: str, target: str) -> StepHandle:
+        """Begin a step named after its (already checked) target, ``$await:<event>``
+        say, unless the caller named it: any name the API accepts fits."""
+        if step_name is not None:
+            return self.begin(step_name)
+        return self._begin(prefix + target)
+
+    def _begin(self, name: str) -> StepHandle:
         checkpoint = self.checkpoint_name(name)
         if checkpoint in self.checkpoints:
             return StepHandle(name, checkpoint, True, self.checkpoints[checkpoint])
@@ -211,14 +221,19 @@ class RunState:
 
     # -- results -------------------------------------------------------------
 
+    def _ids(self, state: str | None = None) -> dict[str, Any]:
+        return {"task_id": self.run.task_id, "run_id": self.run.run_id, "state": state}
+
     def check_owned(self, row: Any) -> None:
         """Raise the right signal when a write found the run no longer ours."""
         if row.owned:
             return
+        ids = {"task_id": self.run.task_id, "run_id": self.run.run_id, "state": row.run_state}
         if row.run_state == "cancelled":
-            raise CancelledTask(f"task {self.run.task_id} was cancelled")
+            raise CancelledTask(f"task {self.run.task_id} was cancelled", **ids)
         raise LeaseLost(
-            f"run {self.run.run_id} is no longer held by this worker (state {row.run_state})"
+            f"run {self.run.run_id} is no longer held by this worker (state {row.run_state})",
+            **ids,
         )
 
     def after_checkpoint(self, handle: StepHandle, value: Any, row: Any) -> Any:
@@ -230,7 +245,7 @@ class RunState:
         self.check_owned(row)
         self.checkpoints[handle.checkpoint_name] = row.wake_at.isoformat()
         if row.suspended:
-            raise SuspendTask(f"sleeping until {row.wake_at.isoformat()}")
+            raise SuspendTask(f"sleeping until {row.wake_at.isoformat()}", **self._ids("sleeping"))
 
     def after_await(self, handle: StepHandle, event_name: str, row: Any) -> Any:
         self.check_owned(row)
@@ -239,33 +254,14 @@ class RunState:
             return row.payload
         if row.timed_out:
             self.checkpoints[handle.checkpoint_name] = {"timeout": True}
-            raise TimeoutError(f"timed out waiting for event {event_name!r}")
-        raise SuspendTask(f"waiting for event {event_name!r}")
+            raise TimeoutError(f"timed out waiting for event {event_name!r}", **self._ids())
+        raise SuspendTask(f"waiting for event {event_name!r}", **self._ids("sleeping"))
 
-    @staticmethod
-    def replay_await(handle: StepHandle, event_name: str) -> Any:
+    def replay_await(self, handle: StepHandle, event_name: str) -> Any:
         state = handle.state or {}
         if state.get("timeout"):
-            raise TimeoutError(f"timed out waiting for event {event_name!r}")
+            raise TimeoutError(f"timed out waiting for event {event_name!r}", **self._ids())
         return state.get("payload")
-
-    def child_key(self, handle: StepHandle) -> str:
-        """A child's idempotency key: the same on every replay of this step."""
-        return f"{self.run.task_id}:{handle.checkpoint_name}"
-
-    @staticmethod
-    def spawn_checkpoint(result: SpawnResult) -> dict[str, Any]:
-        return {
-            "task_id": str(result.task_id),
-            "run_id": str(result.run_id),
-            "attempt": result.attempt,
-        }
-
-    @staticmethod
-    def spawn_from_checkpoint(state: Mapping[str, Any]) -> SpawnResult:
-        return SpawnResult(
-            uuid.UUID(state["task_id"]), uuid.UUID(state["run_id"]), state["attempt"], False
-        )
 
 
 def fail_params(
@@ -289,23 +285,6 @@ def fail_params(
         "require_lease": require_lease,
         "channel": channel_for(queue),
     }
-
-
-TASK_EVENT_PREFIX = "$task:"
-PARENT_HEADER = "absurd.parent_task_id"
-
-
-def task_done_event(task_id: uuid.UUID | str) -> str:
-    """The event a child task emits in its queue when it finishes (for awaiting parents)."""
-    return f"{TASK_EVENT_PREFIX}{task_id}"
-
-
-def snapshot_payload(state: str, result: Any, failure: Any) -> dict[str, Any]:
-    return {"state": state, "result": result, "failure": failure}
-
-
-def snapshot_from_payload(payload: Mapping[str, Any]) -> TaskResultSnapshot:
-    return _core.snapshot_from_row(payload["state"], payload.get("result"), payload.get("failure"))
 
 
 def wake_time(when: datetime | timedelta | float) -> tuple[datetime | None, float | None]:

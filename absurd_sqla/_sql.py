@@ -16,21 +16,26 @@ from sqlalchemy import (
     Integer,
     Text,
     bindparam,
+    case,
     cast,
     column,
     delete,
+    exists,
     func,
     literal,
     literal_column,
+    null,
+    or_,
     select,
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID, Insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID, Insert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import CTE, Select
 
+from ._children import PARENT_HEADER, TASK_EVENT_PREFIX
 from .models import (
     TERMINAL_STATES,
     checkpoints,
@@ -121,8 +126,18 @@ def insert_pending_runs(rows: Select[Any]) -> Insert:
     )
 
 
+CHANNEL_PREFIX = "absurd."  # a queue's NOTIFY channel is "absurd.<queue name>"
+
+
 def channel_for(queue_name: str) -> str:
-    return f"absurd.{queue_name}"
+    """The queue's NOTIFY channel, for a bind parameter (and for LISTEN)."""
+    return f"{CHANNEL_PREFIX}{queue_name}"
+
+
+def notify_queue_of(queue_name: ColumnElement[str]) -> ColumnElement[object]:
+    """``pg_notify`` on the channel of the queue named by a column: for statements
+    whose queue is only known in SQL (a waiter on another queue, a task found by id)."""
+    return func.pg_notify(literal(CHANNEL_PREFIX, Text) + queue_name, literal("", Text))
 
 
 q_param = bindparam("queue", type_=Text)
@@ -324,22 +339,40 @@ wake_waiters = select(
     notify().label("notified"),
     # A waiter may live on another queue (a parent awaiting a child): wake its
     # workers too. Postgres folds duplicate notifications within a transaction.
-    select(
-        func.count(
-            func.pg_notify(literal("absurd.", Text) + _woken_runs.c.queue_name, literal("", Text))
-        )
-    )
+    select(func.count(notify_queue_of(_woken_runs.c.queue_name)))
     .scalar_subquery()
     .label("notified_waiter_queues"),
 )
 
-# -- cancel ------------------------------------------------------------------
+# -- task ids ----------------------------------------------------------------
+# Task ids are unique across queues: a task is found by its id alone. The
+# optional ``:queue`` (``queue_name=`` of the original SDK) must then name the
+# task's queue; a write whose queue does not match changes nothing, and the
+# statement returns the task's real queue so the caller can say so.
 
 t_param = bindparam("task", type_=UUID(as_uuid=True))
+opt_q_param = bindparam("queue", type_=Text)  # NULL: any queue
+
+
+def task_queue_matches(queue_column: ColumnElement[str]) -> ColumnElement[bool]:
+    """``:queue IS NULL OR queue_name = :queue``."""
+    return or_(opt_q_param.is_(None), queue_column == opt_q_param)
+
+
+def _task_column(column: ColumnElement[Any], label: str) -> ColumnElement[Any]:
+    """``(SELECT column FROM tasks WHERE task_id = :task)``, labelled."""
+    return select(column).where(tasks.c.task_id == t_param).scalar_subquery().label(label)
+
+
+# -- cancel ------------------------------------------------------------------
 
 _cancelled_runs = (
     update(runs)
-    .where(runs.c.task_id == t_param, runs.c.queue_name == q_param, runs.c.state.in_(LIVE_STATES))
+    .where(
+        runs.c.task_id == t_param,
+        task_queue_matches(runs.c.queue_name),
+        runs.c.state.in_(LIVE_STATES),
+    )
     .values(state="cancelled", finished_at=NOW, claimed_by=None, claim_expires_at=None)
     .returning(runs.c.run_id)
     .cte("cancelled_runs")
@@ -348,7 +381,7 @@ _cancelled_task = (
     update(tasks)
     .where(
         tasks.c.task_id == t_param,
-        tasks.c.queue_name == q_param,
+        task_queue_matches(tasks.c.queue_name),
         tasks.c.state.not_in(TERMINAL_STATES),
         # Lock order run -> task everywhere: referencing the runs CTE makes it run first.
         count_of(_cancelled_runs) >= 0,
@@ -359,16 +392,11 @@ _cancelled_task = (
 )
 _cancelled_waits = delete_waits_of(_cancelled_runs, "cancelled_waits")
 cancel_task = select(
-    select(tasks.c.state)
-    .where(tasks.c.task_id == t_param, tasks.c.queue_name == q_param)
-    .scalar_subquery()
-    .label("previous_state"),
+    _task_column(tasks.c.state, "previous_state"),
+    _task_column(tasks.c.queue_name, "task_queue"),
     count_of(_cancelled_task).label("cancelled"),
     count_of(_cancelled_waits).label("waits_removed"),
-    select(tasks.c.headers)
-    .where(tasks.c.task_id == t_param, tasks.c.queue_name == q_param)
-    .scalar_subquery()
-    .label("headers"),
+    _task_column(tasks.c.headers, "headers"),
 )
 
 # Second statement of a cancel that cancelled the task: the task row is ours
@@ -389,7 +417,170 @@ cancel_late_runs = select(
 # -- results -----------------------------------------------------------------
 
 fetch_task_result = (
-    select(tasks.c.state, tasks.c.result, runs.c.failure_reason)
+    select(tasks.c.state, tasks.c.result, runs.c.failure_reason, tasks.c.queue_name)
     .select_from(tasks.outerjoin(runs, runs.c.run_id == tasks.c.last_run_id))
-    .where(tasks.c.task_id == t_param, tasks.c.queue_name == q_param)
+    .where(tasks.c.task_id == t_param)
 )
+
+# What a parent needs to know before awaiting a task it names.
+task_identity = select(tasks.c.queue_name, tasks.c.state, tasks.c.headers).where(
+    tasks.c.task_id == t_param
+)
+
+# -- retry_task --------------------------------------------------------------
+
+_new_run = bindparam("new_run", type_=UUID(as_uuid=True))
+_retry_source = (
+    select(tasks.c.task_id, tasks.c.attempts, tasks.c.queue_name)
+    .where(
+        tasks.c.task_id == t_param,
+        task_queue_matches(tasks.c.queue_name),
+        state_in(tasks.c.state, "failed"),
+    )
+    .with_for_update()
+    .cte("retry_source")
+)
+_manual_run = (
+    insert_pending_runs(
+        select(
+            _new_run,
+            _retry_source.c.task_id,
+            _retry_source.c.queue_name,
+            _retry_source.c.attempts + 1,
+            NOW,
+        ),
+    )
+    .returning(runs.c.run_id, runs.c.attempt, runs.c.queue_name)
+    .cte("manual_run")
+)
+_manual_task = (
+    update(tasks)
+    .where(tasks.c.task_id == _retry_source.c.task_id)
+    .values(
+        state="pending",
+        attempts=_retry_source.c.attempts + 1,
+        last_run_id=_new_run,
+        finished_at=None,
+        result=None,
+        max_attempts=func.coalesce(bindparam("max_attempts", type_=Integer), tasks.c.max_attempts),
+    )
+    .returning(tasks.c.task_id)
+    .cte("manual_task")
+)
+retry_task = select(
+    _task_column(tasks.c.state, "previous_state"),
+    _task_column(tasks.c.queue_name, "task_queue"),
+    select(_manual_run.c.attempt).scalar_subquery().label("attempt"),
+    count_of(_manual_task).label("tasks"),
+    select(func.count(notify_queue_of(_manual_run.c.queue_name)))
+    .scalar_subquery()
+    .label("notified"),
+)
+
+task_for_respawn = select(
+    tasks.c.task_name,
+    tasks.c.params,
+    tasks.c.headers,
+    tasks.c.retry_strategy,
+    tasks.c.max_attempts,
+    tasks.c.cancellation,
+    tasks.c.state,
+    tasks.c.queue_name,
+).where(tasks.c.task_id == t_param)
+
+# -- retention ---------------------------------------------------------------
+
+_cutoff = NOW - seconds("older_than")
+_UUID_TEXT = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+
+
+def _uuid_or_null(value: ColumnElement[str]) -> ColumnElement[object]:
+    """Cast text to uuid only when it is one (user data must not break cleanup)."""
+    return case((value.regexp_match(_UUID_TEXT), cast(value, UUID(as_uuid=True))), else_=null())
+
+
+def _array_of(column: ColumnElement[Any], item_type: Any) -> ColumnElement[Any]:
+    """``CAST((SELECT array_agg(column) ...) AS type[])``: for ``= ANY(...)`` as one
+    array (primary-key probes), not the ``ANY (subquery)`` join form."""
+    return cast(select(func.array_agg(column)).scalar_subquery(), ARRAY(item_type))
+
+
+_parent = tasks.alias("parent")
+_parent_state = (
+    select(_parent.c.state)
+    .where(_parent.c.task_id == _uuid_or_null(tasks.c.headers[PARENT_HEADER].astext))
+    .scalar_subquery()
+)
+_old_tasks = (
+    select(tasks.c.task_id)
+    .where(
+        tasks.c.queue_name == q_param,
+        state_in(tasks.c.state, *TERMINAL_STATES),
+        tasks.c.finished_at < _cutoff,
+        # A finished child stays while its parent may still await its result
+        # (a per-row primary-key probe, not a join over every task).
+        func.coalesce(_parent_state, literal_column("'completed'", Text)).in_(
+            [literal_column(f"'{state}'", Text) for state in TERMINAL_STATES]
+        ),
+    )
+    .limit(bindparam("limit", type_=Integer))
+    .cte("old_tasks")
+)
+_deleted_tasks = (
+    delete(tasks)
+    # = ANY(one array): a primary-key probe per id, never a join over every task.
+    .where(tasks.c.task_id == func.any(_array_of(_old_tasks.c.task_id, UUID(as_uuid=True))))
+    .returning(tasks.c.task_id)
+    .cte("deleted_tasks")
+)
+_child_of_event = (
+    select(tasks.c.task_id)
+    .where(
+        tasks.c.task_id
+        == case(
+            (
+                events.c.event_name.startswith(TASK_EVENT_PREFIX, autoescape=True),
+                _uuid_or_null(func.substr(events.c.event_name, len(TASK_EVENT_PREFIX) + 1)),
+            ),
+            else_=null(),
+        )
+    )
+    .exists()
+)
+_old_events = (
+    select(events.c.event_name)
+    .where(
+        events.c.queue_name == q_param,
+        events.c.emitted_at < _cutoff,
+        ~_child_of_event,  # a child's "$task:<id>" event lives as long as the child
+    )
+    .limit(bindparam("limit", type_=Integer))
+)
+# Placeholders written by waiters for events that never came, once nobody waits.
+_stale_placeholders = (
+    select(events.c.event_name)
+    .where(
+        events.c.queue_name == q_param,
+        events.c.emitted_at.is_(None),
+        events.c.created_at < _cutoff,
+        ~exists().where(
+            waits.c.queue_name == events.c.queue_name, waits.c.event_name == events.c.event_name
+        ),
+    )
+    .limit(bindparam("limit", type_=Integer))
+)
+_doomed_events = (
+    select(_old_events.union_all(_stale_placeholders).subquery().c.event_name)
+    .limit(bindparam("limit", type_=Integer))
+    .cte("doomed_events")
+)
+_deleted_events = (
+    delete(events)
+    .where(
+        events.c.queue_name == q_param,
+        events.c.event_name == func.any(_array_of(_doomed_events.c.event_name, Text)),
+    )
+    .returning(events.c.event_name)
+    .cte("deleted_events")
+)
+cleanup = select(count_of(_deleted_tasks).label("tasks"), count_of(_deleted_events).label("events"))

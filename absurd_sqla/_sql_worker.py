@@ -1,5 +1,6 @@
-"""I/O-free Core statements for running tasks: claim, checkpoints, suspension,
-completion, failure, retries and retention. Shared by sync and async workers.
+"""I/O-free Core statements a worker and its running tasks make: claim,
+checkpoints, suspension, completion, failure and the lease sweep. The client's
+statements (spawn, emit, cancel, retry, results, retention) are in ``_sql``.
 
 Fencing: every write a running task makes names its ``run_id`` and succeeds
 only while that run is ``running`` with an unexpired lease. A statement that
@@ -12,8 +13,6 @@ update reads the run update's RETURNING rows, so it cannot lock first.
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import (
     Boolean,
     Float,
@@ -23,20 +22,17 @@ from sqlalchemy import (
     case,
     cast,
     delete,
-    exists,
     func,
-    literal_column,
     null,
     or_,
     select,
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
 
-from ._run import PARENT_HEADER, TASK_EVENT_PREFIX
 from ._sql import (
     NOW,
     ONE_SECOND,
@@ -500,155 +496,3 @@ fail_run = select(
     _run_state().label("run_state"),
     notify().label("notified"),
 )
-
-# -- retry_task (client) ------------------------------------------------------
-
-_retry_source = (
-    select(tasks.c.task_id, tasks.c.attempts)
-    .where(tasks.c.task_id == task_param, tasks.c.queue_name == q_param, tasks.c.state == "failed")
-    .with_for_update()
-    .cte("retry_source")
-)
-_manual_run = (
-    insert_pending_runs(
-        select(
-            _new_run,
-            _retry_source.c.task_id,
-            q_param,
-            _retry_source.c.attempts + 1,
-            NOW,
-        ),
-    )
-    .returning(runs.c.run_id, runs.c.attempt)
-    .cte("manual_run")
-)
-_manual_task = (
-    update(tasks)
-    .where(tasks.c.task_id == _retry_source.c.task_id)
-    .values(
-        state="pending",
-        attempts=_retry_source.c.attempts + 1,
-        last_run_id=_new_run,
-        finished_at=None,
-        result=None,
-        max_attempts=func.coalesce(bindparam("max_attempts", type_=Integer), tasks.c.max_attempts),
-    )
-    .returning(tasks.c.task_id)
-    .cte("manual_task")
-)
-retry_task = select(
-    select(tasks.c.state)
-    .where(tasks.c.task_id == task_param, tasks.c.queue_name == q_param)
-    .scalar_subquery()
-    .label("previous_state"),
-    select(_manual_run.c.attempt).scalar_subquery().label("attempt"),
-    count_of(_manual_task).label("tasks"),
-    notify().label("notified"),
-)
-
-task_for_respawn = select(
-    tasks.c.task_name,
-    tasks.c.params,
-    tasks.c.headers,
-    tasks.c.retry_strategy,
-    tasks.c.max_attempts,
-    tasks.c.cancellation,
-    tasks.c.state,
-).where(tasks.c.task_id == task_param, tasks.c.queue_name == q_param)
-
-# -- retention ---------------------------------------------------------------
-
-_cutoff = NOW - seconds("older_than")
-_UUID_TEXT = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-
-
-def _uuid_or_null(value: ColumnElement[str]) -> ColumnElement[object]:
-    """Cast text to uuid only when it is one (user data must not break cleanup)."""
-    return case((value.regexp_match(_UUID_TEXT), cast(value, UUID(as_uuid=True))), else_=null())
-
-
-def _array_of(column: ColumnElement[Any], item_type: Any) -> ColumnElement[Any]:
-    """``CAST((SELECT array_agg(column) ...) AS type[])``: for ``= ANY(...)`` as one
-    array (primary-key probes), not the ``ANY (subquery)`` join form."""
-    return cast(select(func.array_agg(column)).scalar_subquery(), ARRAY(item_type))
-
-
-_parent = tasks.alias("parent")
-_parent_state = (
-    select(_parent.c.state)
-    .where(_parent.c.task_id == _uuid_or_null(tasks.c.headers[PARENT_HEADER].astext))
-    .scalar_subquery()
-)
-_old_tasks = (
-    select(tasks.c.task_id)
-    .where(
-        tasks.c.queue_name == q_param,
-        state_in(tasks.c.state, *TERMINAL_STATES),
-        tasks.c.finished_at < _cutoff,
-        # A finished child stays while its parent may still await its result
-        # (a per-row primary-key probe, not a join over every task).
-        func.coalesce(_parent_state, literal_column("'completed'", Text)).in_(
-            [literal_column(f"'{state}'", Text) for state in TERMINAL_STATES]
-        ),
-    )
-    .limit(bindparam("limit", type_=Integer))
-    .cte("old_tasks")
-)
-_deleted_tasks = (
-    delete(tasks)
-    # = ANY(one array): a primary-key probe per id, never a join over every task.
-    .where(tasks.c.task_id == func.any(_array_of(_old_tasks.c.task_id, UUID(as_uuid=True))))
-    .returning(tasks.c.task_id)
-    .cte("deleted_tasks")
-)
-_child_of_event = (
-    select(tasks.c.task_id)
-    .where(
-        tasks.c.task_id
-        == case(
-            (
-                events.c.event_name.startswith(TASK_EVENT_PREFIX, autoescape=True),
-                _uuid_or_null(func.substr(events.c.event_name, len(TASK_EVENT_PREFIX) + 1)),
-            ),
-            else_=null(),
-        )
-    )
-    .exists()
-)
-_old_events = (
-    select(events.c.event_name)
-    .where(
-        events.c.queue_name == q_param,
-        events.c.emitted_at < _cutoff,
-        ~_child_of_event,  # a child's "$task:<id>" event lives as long as the child
-    )
-    .limit(bindparam("limit", type_=Integer))
-)
-# Placeholders written by waiters for events that never came, once nobody waits.
-_stale_placeholders = (
-    select(events.c.event_name)
-    .where(
-        events.c.queue_name == q_param,
-        events.c.emitted_at.is_(None),
-        events.c.created_at < _cutoff,
-        ~exists().where(
-            waits.c.queue_name == events.c.queue_name, waits.c.event_name == events.c.event_name
-        ),
-    )
-    .limit(bindparam("limit", type_=Integer))
-)
-_doomed_events = (
-    select(_old_events.union_all(_stale_placeholders).subquery().c.event_name)
-    .limit(bindparam("limit", type_=Integer))
-    .cte("doomed_events")
-)
-_deleted_events = (
-    delete(events)
-    .where(
-        events.c.queue_name == q_param,
-        events.c.event_name == func.any(_array_of(_doomed_events.c.event_name, Text)),
-    )
-    .returning(events.c.event_name)
-    .cte("deleted_events")
-)
-cleanup = select(count_of(_deleted_tasks).label("tasks"), count_of(_deleted_events).label("events"))

@@ -2,28 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Row
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql import Executable
 
-from . import _core, _sql
-from . import _sql_worker as sqlw
-from ._app import AppCore, Hooks
+from . import _core, _ops, _sql
+from ._app import AppCore, Hooks, WorkerSettings
 from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot
-from ._engine import Bind, engine_and_sessions
-from .errors import InvalidArgument, QueueNotFound, TaskNotFound, TaskStateError, TimeoutError
-from .worker import Worker, announce_done, default_worker_id, work_batch
+from ._db import Database, SessionLike
+from ._engine import Bind
+from ._execute import Executor
+from .errors import InvalidArgument, TaskNotFound, TimeoutError
+from .worker import Worker, Workers, default_worker_id
 
 F = TypeVar("F", bound=Callable[..., Any])
-SessionLike = Session | Connection
 
 
 class Absurd:
@@ -46,74 +43,41 @@ class Absurd:
         default_max_attempts: int | None = 5,
         hooks: Hooks | None = None,
     ) -> None:
-        self._app = AppCore(queue_name, default_max_attempts, hooks)
-        self.engine: Engine
-        self.session_factory: sessionmaker[Session]
-        # A URL bind gets a pool big enough for a worker with a few threads.
-        self.engine, self.session_factory = engine_and_sessions(bind, pool_size=10, max_overflow=20)
-        # Single statements are atomic alone: run them without BEGIN/COMMIT,
-        # one round trip instead of three. Shares the engine's pool.
-        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._workers: list[Worker] = []
-        self._workers_lock = threading.Lock()
-        self._stop_pending = False  # stop_worker() before start_worker() registered
+        self._core = AppCore(queue_name, default_max_attempts, hooks)
+        self._db = Database(bind)
+        self._executor = Executor(self._db, self._core)
+        self._workers = Workers()
+
+    @property
+    def engine(self) -> Engine:
+        return self._db.engine
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        return self._db.session_factory
 
     @property
     def queue_name(self) -> str:
-        return self._app.queue_name
-
-    # -- plumbing ------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _connection(
-        self, session: SessionLike | None, *, atomic: bool = True
-    ) -> Iterator[Connection]:
-        """The caller's transaction (never committed here), or our own: a short
-        transaction, or autocommit for a single self-contained statement."""
-        if session is None:
-            with self._writer(atomic=atomic) as conn:
-                yield conn
-        elif isinstance(session, Session):
-            yield session.connection()
-        elif isinstance(session, Connection):
-            yield session
-        else:
-            raise TypeError(f"session must be a Session or a Connection, not {session!r}")
-
-    @contextlib.contextmanager
-    def _writer(self, *, atomic: bool) -> Iterator[Connection]:
-        """A connection for our own writes: a transaction when several statements
-        must commit together, autocommit when there is a single statement."""
-        if atomic:
-            with self.engine.begin() as conn:
-                yield conn
-        else:
-            with self._autocommit.connect() as conn:
-                yield conn
-
-    def _one(self, statement: Executable, params: Mapping[str, Any]) -> Row[Any]:
-        """Run one self-contained statement in autocommit and return its single row."""
-        with self._autocommit.connect() as conn:
-            return conn.execute(statement, params).one()
+        return self._core.queue_name
 
     def close(self) -> None:
         """Dispose of the engine's connection pool (a passed Engine's too)."""
-        self.engine.dispose()
+        self._db.close()
 
     # -- queues --------------------------------------------------------------
 
     def create_queue(self, name: str | None = None, *, session: SessionLike | None = None) -> None:
         """Create the queue (a row; nothing happens if it exists)."""
-        with self._connection(session) as conn:
-            conn.execute(_sql.create_queue, {"queue": self._app.queue(name)})
+        with self._db.joined(session) as conn:
+            conn.execute(_sql.create_queue, {"queue": self._core.queue(name)})
 
     def drop_queue(self, name: str | None = None, *, session: SessionLike | None = None) -> None:
         """Delete the queue with every task, run, checkpoint and event in it."""
-        with self._connection(session) as conn:
-            conn.execute(_sql.drop_queue, {"queue": self._app.queue(name)})
+        with self._db.joined(session) as conn:
+            conn.execute(_sql.drop_queue, {"queue": self._core.queue(name)})
 
     def list_queues(self) -> list[str]:
-        with self._connection(None) as conn:
+        with self._db.joined(None, atomic=False) as conn:
             return list(conn.scalars(_sql.list_queues))
 
     # -- tasks ---------------------------------------------------------------
@@ -123,13 +87,32 @@ class Absurd:
         name: str,
         *,
         queue: str | None = None,
+        max_attempts: int | None = None,
+        retry_strategy: Mapping[str, Any] | None = None,
+        cancellation: Mapping[str, Any] | None = None,
         default_max_attempts: int | None = None,
         default_cancellation: Mapping[str, Any] | None = None,
     ) -> Callable[[F], F]:
-        """Register ``handler(params, ctx)`` under ``name``."""
+        """Register ``handler(params, ctx)`` under ``name``.
+
+        ``queue``, ``max_attempts``, ``retry_strategy`` and ``cancellation`` are
+        the task's defaults: every spawn of it uses them unless the spawn passes
+        its own. ``default_max_attempts`` / ``default_cancellation`` are the
+        original SDK's names for two of them. A name registered twice raises
+        :class:`~absurd_sqla.TaskAlreadyRegistered`.
+        """
+        max_attempts = _pick("max_attempts", max_attempts, default_max_attempts)
+        cancellation = _pick("cancellation", cancellation, default_cancellation)
 
         def decorate(handler: F) -> F:
-            self._app.register(name, handler, queue, default_max_attempts, default_cancellation)
+            self._core.register(
+                name,
+                handler,
+                queue=queue,
+                max_attempts=max_attempts,
+                retry_strategy=retry_strategy,
+                cancellation=cancellation,
+            )
             return handler
 
         return decorate
@@ -165,26 +148,15 @@ class Absurd:
     def spawn_many(
         self, requests: Iterable[SpawnRequest], *, session: SessionLike | None = None
     ) -> list[SpawnResult]:
-        """Enqueue many tasks: one statement per queue, results in request order."""
-        batches = self._app.spawn_batches(requests)
-        results: list[tuple[int, SpawnResult]] = []
-        # One batch is one statement: atomic on its own (the key lookup only reads).
-        with self._connection(session, atomic=len(batches) > 1) as conn:
-            if len(batches) > 1:
-                # One missing queue must fail the call before any batch is written.
-                self._app.check_queues_exist(
-                    batches,
-                    conn.scalars(_sql.existing_queues, {"queues": [b.queue for b in batches]}),
-                )
-            for batch in batches:
-                inserted = conn.execute(_sql.spawn, batch.params).all()
-                existing: Sequence[Any] = ()
-                if len(inserted) < len(batch.rows) and batch.keys:
-                    existing = conn.execute(
-                        _sql.existing_by_keys, {"queue": batch.queue, "keys": batch.keys}
-                    ).all()
-                results += self._app.spawn_results(batch, inserted, existing)
-        return [result for _, result in sorted(results, key=lambda pair: pair[0])]
+        """Enqueue many tasks: one statement per queue, results in request order.
+
+        Every request is checked before anything is written. With ``session=``
+        the tasks are invisible until the caller commits and gone on rollback.
+        """
+        batches = self._core.spawn_batches(requests)
+        # One queue is one statement: atomic on its own (the key lookup only reads).
+        with self._db.joined(session, atomic=len(batches) > 1) as conn:
+            return _ops.spawn_many(conn, self._core, batches)
 
     def cancel_task(
         self,
@@ -195,17 +167,12 @@ class Absurd:
     ) -> bool:
         """Cancel the task and its live runs. False if it had already finished.
 
-        Running code stops at its next checkpoint, heartbeat or wait.
+        Running code stops at its next checkpoint, heartbeat or wait. With
+        ``session=`` the cancel is invisible until the caller commits.
         """
-        params = self._app.task_params(task_id, queue_name)
-        with self._connection(session) as conn:
-            row = conn.execute(_sql.cancel_task, params).one()
-            if row.cancelled:
-                conn.execute(_sql.cancel_late_runs, params)
-                announce_done(self, conn, params["task"], params["queue"], row.headers)
-        if row.previous_state is None:
-            raise TaskNotFound(f"no task {params['task']} on queue {params['queue']!r}")
-        return bool(row.cancelled)
+        params = self._core.task_params(task_id, queue_name)
+        with self._db.joined(session) as conn:
+            return _ops.cancel(conn, params)
 
     def retry_task(
         self,
@@ -220,12 +187,16 @@ class Absurd:
 
         In place, checkpoints are kept, so finished steps are not redone.
         """
-        params = self._app.task_params(task_id, queue_name)
+        params = self._core.task_params(task_id, queue_name)
         new_max = _core.check_max_attempts(max_attempts)
-        with self._connection(session) as conn:
+        with self._db.joined(session) as conn:
             if spawn_new:
-                source = conn.execute(sqlw.task_for_respawn, params).one_or_none()
-                self._check_failed(params, source.state if source else None)
+                source = conn.execute(_sql.task_for_respawn, params).one_or_none()
+                self._core.check_retryable(
+                    params,
+                    source.state if source else None,
+                    source.queue_name if source else None,
+                )
                 assert source is not None
                 return self.spawn(
                     source.task_name,
@@ -234,30 +205,15 @@ class Absurd:
                     max_attempts=new_max or source.max_attempts,
                     retry_strategy=source.retry_strategy,
                     headers=source.headers,
-                    queue=params["queue"],
+                    queue=source.queue_name,
                     cancellation=source.cancellation,
                 )
             new_run = _core.uuid7()
             row = conn.execute(
-                sqlw.retry_task,
-                {
-                    **params,
-                    "new_run": new_run,
-                    "max_attempts": new_max,
-                    "channel": _sql.channel_for(params["queue"]),
-                },
+                _sql.retry_task, {**params, "new_run": new_run, "max_attempts": new_max}
             ).one()
-            self._check_failed(params, row.previous_state)
+            self._core.check_retryable(params, row.previous_state, row.task_queue)
         return SpawnResult(params["task"], new_run, row.attempt, False)
-
-    @staticmethod
-    def _check_failed(params: dict[str, Any], state: str | None) -> None:
-        if state is None:
-            raise TaskNotFound(f"no task {params['task']} on queue {params['queue']!r}")
-        if state != "failed":
-            raise TaskStateError(
-                f"only failed tasks can be retried; task {params['task']} is {state}"
-            )
 
     def cleanup(
         self,
@@ -274,25 +230,18 @@ class Absurd:
         older = _core.check_seconds("older_than", older_than, allow_none=False)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise InvalidArgument(f"limit must be a whole number >= 1, got {limit!r}")
-        with self._connection(session) as conn:
-            row = conn.execute(
-                sqlw.cleanup, {"queue": self._app.queue(queue), "older_than": older, "limit": limit}
-            ).one()
+        with self._db.joined(session) as conn:
+            params = {"queue": self._core.queue(queue), "older_than": older, "limit": limit}
+            row = conn.execute(_sql.cleanup, params).one()
         return int(row.tasks), int(row.events)
 
     def fetch_task_result(
         self, task_id: uuid.UUID | str, queue_name: str | None = None
     ) -> TaskResultSnapshot | None:
         """The task's state now, or None if there is no such task."""
-        params = self._app.task_params(task_id, queue_name)
-        with self._connection(None) as conn:
-            return self._fetch_on(conn, params["task"], params["queue"])
-
-    def _fetch_on(
-        self, conn: Connection, task_id: uuid.UUID, queue: str
-    ) -> TaskResultSnapshot | None:
-        row = conn.execute(_sql.fetch_task_result, {"task": task_id, "queue": queue}).one_or_none()
-        return self._app.snapshot(row)
+        params = self._core.task_params(task_id, queue_name)
+        with self._db.joined(None, atomic=False) as conn:
+            return _ops.fetch_result(conn, params)
 
     def await_task_result(
         self,
@@ -301,20 +250,25 @@ class Absurd:
         queue_name: str | None = None,
     ) -> TaskResultSnapshot:
         """Wait until the task is completed, failed or cancelled."""
+        task = _core.check_task_id(task_id)
         limit = _core.check_seconds("timeout", timeout)
         deadline = None if limit is None else time.monotonic() + limit
         next_delay = _core.poll_delays()
         while True:
-            snapshot = self.fetch_task_result(task_id, queue_name)
+            snapshot = self.fetch_task_result(task, queue_name)
             if snapshot is None:
-                raise TaskNotFound(f"no task {task_id}")
+                raise TaskNotFound(f"task {task} not found", task_id=task)
             if snapshot.terminal:
                 return snapshot
             delay = next_delay()
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"task {task_id} still {snapshot.state} after {timeout}s")
+                    raise TimeoutError(
+                        f"task {task} still {snapshot.state} after {timeout}s",
+                        task_id=task,
+                        state=snapshot.state,
+                    )
                 delay = min(delay, remaining)
             time.sleep(delay)
 
@@ -332,17 +286,9 @@ class Absurd:
 
         Every run waiting on the name is woken, in the same transaction.
         """
-        params = self._app.emit_params(event_name, payload, queue_name)
-        with self._connection(session) as conn:
-            row = conn.execute(_sql.emit_event, params).one()
-            if not row.queue_found:
-                raise QueueNotFound(f"queue {params['queue']!r} does not exist")
-            if not row.emitted:
-                return False
-            # A second statement: its fresh snapshot sees every waiter that
-            # committed while we waited for the event row's lock.
-            conn.execute(_sql.wake_waiters, params)
-        return True
+        params = self._core.emit_params(event_name, payload, queue_name)
+        with self._db.joined(session) as conn:
+            return _ops.emit(conn, params)
 
     # -- workers -------------------------------------------------------------
 
@@ -356,7 +302,10 @@ class Absurd:
     ) -> int:
         """Claim up to ``batch_size`` runs, run each to completion or suspension
         in this thread, and return how many were claimed."""
-        return work_batch(self, self._app.queue(queue), worker_id, claim_timeout, batch_size)
+        settings = WorkerSettings.checked(
+            self._core.queue(queue), worker_id, claim_timeout, batch_size
+        )
+        return self._executor.work_batch(settings)
 
     def start_worker(
         self,
@@ -376,25 +325,15 @@ class Absurd:
         lost: this call then returns at once (the "start a thread, stop it"
         race).
         """
-        worker = Worker(
-            self,
-            queue=self._app.queue(queue),
-            worker_id=worker_id or default_worker_id(),
-            claim_timeout=claim_timeout,
-            concurrency=concurrency,
-            batch_size=batch_size or concurrency,
-            poll_interval=poll_interval,
+        settings = WorkerSettings.checked(
+            self._core.queue(queue),
+            worker_id if worker_id is not None else default_worker_id(),
+            claim_timeout,
+            batch_size if batch_size is not None else concurrency,
+            concurrency,
+            poll_interval,
         )
-        with self._workers_lock:
-            if self._stop_pending:
-                self._stop_pending = False
-                return
-            self._workers.append(worker)
-        try:
-            worker.run()
-        finally:
-            with self._workers_lock:
-                self._workers.remove(worker)
+        self._workers.run(Worker(self._executor, settings))
 
     def stop_worker(self) -> None:
         """Ask every worker of this client to stop (from any thread, without await).
@@ -402,7 +341,11 @@ class Absurd:
         Each claims nothing more and returns once its in-flight handlers finish.
         With no worker running, the next :meth:`start_worker` returns at once.
         """
-        with self._workers_lock:
-            self._stop_pending = not self._workers
-            for worker in self._workers:
-                worker.stop()
+        self._workers.stop()
+
+
+def _pick(name: str, value: Any, original_name_value: Any) -> Any:
+    """A register_task option given by its name or by the original SDK's ``default_`` name."""
+    if value is not None and original_name_value is not None:
+        raise InvalidArgument(f"pass {name}= or default_{name}=, not both")
+    return value if value is not None else original_name_value

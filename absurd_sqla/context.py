@@ -6,26 +6,17 @@ import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from . import _children, _core, _ops, _sql
 from . import _sql_worker as sqlw
-from ._core import SpawnResult, TaskResultSnapshot
-from ._run import (
-    PARENT_HEADER,
-    RunState,
-    StepHandle,
-    snapshot_from_payload,
-    task_done_event,
-    wake_time,
-)
-from .errors import CancelledTask, InvalidArgument, TaskNotFound
-from .models import tasks
-
-if TYPE_CHECKING:
-    from .client import Absurd
+from ._app import AppCore
+from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot
+from ._db import Database
+from ._run import RunState, StepHandle, wake_time
+from .errors import CancelledTask, TaskNotFound
 
 T = TypeVar("T")
 
@@ -36,8 +27,9 @@ class TaskContext:
     step that already finished returns its stored value instead of running.
     """
 
-    def __init__(self, app: Absurd, state: RunState) -> None:
-        self._app = app
+    def __init__(self, db: Database, core: AppCore, state: RunState) -> None:
+        self._db = db
+        self._core = core
         self._state = state
 
     # -- identity ------------------------------------------------------------
@@ -103,7 +95,7 @@ class TaskContext:
         if handle.done:
             return handle.state  # type: ignore[no-any-return]
         params = self._state.checkpoint_params(handle, value)
-        row = self._app._one(sqlw.write_checkpoint, params)
+        row = self._db.one(sqlw.write_checkpoint, params)
         self._enforce_max_duration(row.now)
         return self._state.after_checkpoint(handle, value, row)  # type: ignore[no-any-return]
 
@@ -119,7 +111,7 @@ class TaskContext:
         handle = self._state.begin(name)
         if handle.done:
             return handle.state  # type: ignore[no-any-return]
-        with self._app.session_factory() as session, session.begin():
+        with self._db.session() as session, session.begin():
             value = fn(session)
             session.flush()
             params = self._state.checkpoint_params(handle, value)
@@ -142,7 +134,7 @@ class TaskContext:
         wake_at, seconds = wake_time(when)
         handle = self._state.begin(step_name)
         params = self._state.sleep_params(handle, wake_at=wake_at, seconds=seconds)
-        row = self._app._one(sqlw.sleep, params)
+        row = self._db.one(sqlw.sleep, params)
         self._state.after_sleep(handle, row)
 
     # -- events --------------------------------------------------------------
@@ -160,14 +152,15 @@ class TaskContext:
         (seconds, floats welcome) raises :class:`absurd_sqla.TimeoutError`; the
         timeout is checkpointed, so a replay raises again rather than waiting.
         """
-        handle = self._state.begin(step_name or f"$await:{event_name}")
+        _core.check_name("event name", event_name)
+        handle = self._state.begin_named(step_name, "$await:", event_name)
         if handle.done:
             return self._state.replay_await(handle, event_name)
         return self._await(handle, event_name, self.queue_name, timeout)
 
     def _await(self, handle: StepHandle, event_name: str, queue: str, timeout: float | None) -> Any:
         params = self._state.await_params(handle, event_name, queue, timeout)
-        row = self._app._one(sqlw.await_event, params)
+        row = self._db.one(sqlw.await_event, params)
         return self._state.after_await(handle, event_name, row)
 
     def emit_event(self, event_name: str, payload: Any = None) -> bool:
@@ -176,17 +169,16 @@ class TaskContext:
         Fenced like a checkpoint: a worker that lost its lease, or whose task was
         cancelled, cannot emit (the lease check and the emit commit together).
         """
-        with self._app.engine.begin() as conn:
+        params = self._core.emit_params(event_name, payload, self.queue_name)
+        with self._db.transaction() as conn:
             row = conn.execute(sqlw.heartbeat, self._state.heartbeat_params(None)).one()
             self._state.check_owned(row)
-            return self._app.emit_event(
-                event_name, payload, session=conn, queue_name=self.queue_name
-            )
+            return _ops.emit(conn, params)
 
     def heartbeat(self, seconds: float | None = None) -> None:
         """Extend the lease by ``seconds`` (default: the worker's claim timeout)."""
         params = self._state.heartbeat_params(seconds)
-        row = self._app._one(sqlw.heartbeat, params)
+        row = self._db.one(sqlw.heartbeat, params)
         self._state.check_owned(row)
         self._enforce_max_duration(row.now)
 
@@ -201,14 +193,18 @@ class TaskContext:
         **options: Any,
     ) -> SpawnResult:
         """Spawn a child task, exactly once across replays (keyed by this step)."""
-        handle = self._state.begin(step_name or f"$spawn:{task_name}")
+        _core.check_name("task name", task_name)
+        handle = self._state.begin_named(step_name, "$spawn:", task_name)
         if handle.done:
-            return self._state.spawn_from_checkpoint(handle.state)
-        headers = {**(options.pop("headers", None) or {}), PARENT_HEADER: str(self.task_id)}
-        options.setdefault("idempotency_key", self._state.child_key(handle))
-        with self._app.engine.begin() as conn:
-            result = self._app.spawn(task_name, params, session=conn, headers=headers, **options)
-            value = self._state.spawn_checkpoint(result)
+            return _children.spawn_from_checkpoint(handle.state)
+        options["headers"] = _children.child_headers(options.get("headers"), self.task_id)
+        options.setdefault(
+            "idempotency_key", _children.child_key(self.task_id, handle.checkpoint_name)
+        )
+        batches = self._core.spawn_batches([SpawnRequest(task_name, params, **options)])
+        with self._db.transaction() as conn:
+            (result,) = _ops.spawn_many(conn, self._core, batches)
+            value = _children.spawn_checkpoint(result)
             row = conn.execute(
                 sqlw.write_checkpoint, self._state.checkpoint_params(handle, value)
             ).one()
@@ -228,25 +224,17 @@ class TaskContext:
         The run suspends (freeing the worker) until the child finishes; the
         snapshot is checkpointed, so replays return it without waiting.
         """
-        child = task_id if isinstance(task_id, uuid.UUID) else uuid.UUID(str(task_id))
-        handle = self._state.begin(step_name or f"$await-task:{child}")
-        event = task_done_event(child)
+        child = _core.check_task_id(task_id)
+        handle = self._state.begin_named(step_name, "$await-task:", str(child))
+        event = _children.done_event(child)
         if handle.done:
-            return snapshot_from_payload(self._state.replay_await(handle, event))
-        with self._app.engine.connect() as conn:
-            row = conn.execute(
-                select(tasks.c.queue_name, tasks.c.state, tasks.c.headers).where(
-                    tasks.c.task_id == child
-                )
-            ).one_or_none()
+            return _children.snapshot_from_payload(self._state.replay_await(handle, event))
+        row = self._db.one_or_none(_sql.task_identity, {"task": child})
         if row is None:
-            raise TaskNotFound(f"no task {child}")
-        if (row.headers or {}).get(PARENT_HEADER) != str(self.task_id):
-            raise InvalidArgument(
-                f"task {child} is not a child of this task; spawn it with ctx.spawn() to await it"
-            )
+            raise TaskNotFound(f"task {child} not found", task_id=child)
+        _children.check_parent(child, row.headers, self.task_id)
         payload = self._await(handle, event, row.queue_name, timeout)
-        return snapshot_from_payload(payload)
+        return _children.snapshot_from_payload(payload)
 
     # -- internals -----------------------------------------------------------
 
@@ -255,5 +243,11 @@ class TaskContext:
         if limit is None:
             return
         if (now - self._state.run.first_started_at).total_seconds() > limit:
-            self._app.cancel_task(self.task_id, queue_name=self.queue_name)
-            raise CancelledTask(f"task {self.task_id} ran longer than max_duration={limit}s")
+            with self._db.transaction() as conn:
+                _ops.cancel(conn, self._core.task_params(self.task_id, None))
+            raise CancelledTask(
+                f"task {self.task_id} ran longer than max_duration={limit}s",
+                task_id=self.task_id,
+                run_id=self.run_id,
+                state="cancelled",
+            )

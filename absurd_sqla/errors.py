@@ -3,15 +3,53 @@
 Errors a caller should handle derive from :class:`AbsurdError` (an ``Exception``).
 The signals used to suspend or stop a running task derive from
 ``BaseException`` so that a handler's ``except Exception:`` cannot swallow them.
+
+Every error carries the ids it is about as attributes (``task_id``,
+``run_id``, ``queue``, ``state``; ``None`` where they do not apply), so code can
+act on them without parsing messages.
 """
 
 from __future__ import annotations
 
 import builtins
+import uuid
 
 
-class AbsurdError(Exception):
+class _Fields:
+    """The structured fields shared by errors and task signals."""
+
+    task_id: uuid.UUID | None
+    run_id: uuid.UUID | None
+    queue: str | None
+    state: str | None
+
+    def _set_fields(
+        self,
+        task_id: uuid.UUID | None,
+        run_id: uuid.UUID | None,
+        queue: str | None,
+        state: str | None,
+    ) -> None:
+        self.task_id = task_id
+        self.run_id = run_id
+        self.queue = queue
+        self.state = state
+
+
+class AbsurdError(_Fields, Exception):
     """Base class of every error absurd_sqla raises to callers."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_id: uuid.UUID | None = None,
+        run_id: uuid.UUID | None = None,
+        queue: str | None = None,
+        state: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self._set_fields(task_id, run_id, queue, state)
 
 
 class InvalidArgument(AbsurdError, ValueError):
@@ -26,12 +64,23 @@ class NotSerializable(InvalidArgument, TypeError):
     """Params, a payload or a step value that cannot be stored as JSON."""
 
 
+class TaskAlreadyRegistered(InvalidArgument):
+    """A second handler was registered under a task name this app already has."""
+
+
+class QueueMismatch(InvalidArgument):
+    """A task id was given with ``queue_name=`` naming another queue than the task's.
+
+    ``queue`` is the task's real queue.
+    """
+
+
 class QueueNotFound(AbsurdError, LookupError):
     """The queue does not exist; create it with ``create_queue`` first."""
 
 
 class TaskNotFound(AbsurdError, LookupError):
-    """No task with that id lives on that queue."""
+    """No task has that id."""
 
 
 class TaskStateError(AbsurdError):
@@ -42,8 +91,20 @@ class TimeoutError(AbsurdError, builtins.TimeoutError):
     """A wait (for an event or a task result) passed its timeout."""
 
 
-class TaskSignal(BaseException):
+class TaskSignal(_Fields, BaseException):
     """Control flow of a running task; never catch it in task code."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        task_id: uuid.UUID | None = None,
+        run_id: uuid.UUID | None = None,
+        queue: str | None = None,
+        state: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self._set_fields(task_id, run_id, queue, state)
 
 
 class SuspendTask(TaskSignal):

@@ -1,9 +1,11 @@
-"""The sync worker: claim runs, execute handlers, record outcomes.
+"""The sync worker runtime: the loop around the executor.
 
 A worker claims with one ``FOR UPDATE SKIP LOCKED`` statement, runs up to
 ``concurrency`` handlers in threads, refills free slots as they finish, wakes on
 ``LISTEN``/``NOTIFY`` (polling stays as the fallback) and on shutdown claims
-nothing new while in-flight handlers finish.
+nothing new while in-flight handlers finish. What happens to each run is the
+executor's business (``_execute``); this module owns threads, the listener,
+signals and the set of running workers.
 """
 
 from __future__ import annotations
@@ -16,30 +18,16 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine, Row
+from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
-from sqlalchemy.sql import Executable
 
-from . import _sql_worker as sqlw
-from ._run import (
-    CLAIM_TIMEOUT_REASON,
-    PARENT_HEADER,
-    ClaimedRun,
-    RunState,
-    fail_params,
-    failure_reason,
-    snapshot_payload,
-    task_done_event,
-)
+from ._app import WorkerSettings
+from ._execute import Executor
+from ._run import ClaimedRun
 from ._sql import channel_for
-from .context import TaskContext
-from .errors import InvalidArgument, NotSerializable, TaskSignal
-
-if TYPE_CHECKING:
-    from .client import Absurd
 
 log = logging.getLogger("absurd_sqla.worker")
 
@@ -50,156 +38,6 @@ SIGNAL_CHECK_INTERVAL = 0.1  # longest an idle worker takes to notice SIGTERM/SI
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def claim(
-    app: Absurd, queue: str, worker_id: str, claim_timeout: float, batch_size: int
-) -> list[ClaimedRun]:
-    with app._writer(atomic=False) as conn:
-        rows = conn.execute(
-            sqlw.claim,
-            {
-                "queue": queue,
-                "worker": worker_id,
-                "claim_timeout": claim_timeout,
-                "batch_size": batch_size,
-            },
-        ).all()
-    return [ClaimedRun.from_row(row) for row in rows]
-
-
-def sweep_expired(app: Absurd, queue: str) -> int:
-    """Fail runs whose lease expired as ``$ClaimTimeout`` (retrying per their task)."""
-    with app.engine.begin() as conn:
-        expired = conn.execute(sqlw.expired_runs, {"queue": queue}).all()
-        for row in expired:
-            params = fail_params(
-                row.run_id,
-                row.queue_name,
-                row.attempt,
-                row.max_attempts,
-                row.retry_strategy,
-                CLAIM_TIMEOUT_REASON,
-                require_lease=False,
-            )
-            result = conn.execute(sqlw.fail_run, params).one()
-            if not result.retried:
-                announce_done(app, conn, row.task_id, row.queue_name, row.headers)
-    if expired:
-        log.warning("failed %d run(s) whose lease expired on queue %r", len(expired), queue)
-    return len(expired)
-
-
-def announce_done(app: Absurd, conn: Connection, task_id: Any, queue: str, headers: Any) -> None:
-    """A finished child emits ``$task:<id>`` so an awaiting parent wakes up."""
-    if not is_child(headers):
-        return
-    snapshot = app._fetch_on(conn, task_id, queue)
-    if snapshot is None:
-        return
-    payload = snapshot_payload(snapshot.state, snapshot.result, snapshot.failure)
-    app.emit_event(task_done_event(task_id), payload, session=conn, queue_name=queue)
-
-
-def is_child(headers: Any) -> bool:
-    """Spawned by ``ctx.spawn``: finishing must also emit the parent's wake-up event."""
-    return bool((headers or {}).get(PARENT_HEADER))
-
-
-def execute(app: Absurd, run: ClaimedRun, worker_id: str, claim_timeout: float) -> None:
-    """Run one claimed run to completion, failure or suspension."""
-    registration = app._app.registry.get(run.task_name)
-    if registration is None:
-        # Unknown here (e.g. mid-deploy): hand it back for a worker that knows it.
-        log.warning("no handler for task %r; deferring run %s", run.task_name, run.run_id)
-        app._one(sqlw.defer_run, run.defer_params())
-        return
-    violation = run.policy_violation()
-    if violation is not None:
-        log.info("cancelling task %s: %s", run.task_id, violation)
-        app.cancel_task(run.task_id, queue_name=run.queue_name)
-        return
-    state = RunState(run, worker_id, claim_timeout)
-    ctx = TaskContext(app, state)
-    wrap = app._app.hooks.wrap_task
-
-    def call() -> Any:
-        return registration.handler(run.params, ctx)
-
-    try:
-        result = wrap(ctx, call) if wrap is not None else call()
-    except TaskSignal as signal_:
-        log.debug("run %s stopped: %r", run.run_id, signal_)
-        return
-    except Exception as exc:
-        _fail(app, state, exc)
-        return
-    try:
-        params = state.complete_params(result)
-    except NotSerializable as exc:
-        _fail(app, state, exc)
-        return
-    row = _record_outcome(app, run, sqlw.complete_run, params, lambda row: bool(row.owned))
-    if not row.owned:
-        log.warning(
-            "discarded the result of run %s: it is %s and no longer held by this worker "
-            "(cancelled, failed, or its lease expired)",
-            run.run_id,
-            row.run_state,
-        )
-
-
-def _record_outcome(
-    app: Absurd,
-    run: ClaimedRun,
-    statement: Executable,
-    params: dict[str, Any],
-    finished: Callable[[Row[Any]], bool],
-) -> Row[Any]:
-    """Write a run's outcome; a child that ``finished`` also wakes its parent, in
-    the same transaction (otherwise the single statement runs in autocommit)."""
-    with app._writer(atomic=is_child(run.headers)) as conn:
-        row = conn.execute(statement, params).one()
-        if finished(row):
-            announce_done(app, conn, run.task_id, run.queue_name, run.headers)
-    return row
-
-
-def _fail(app: Absurd, state: RunState, exc: BaseException) -> None:
-    run = state.run
-    row = _record_outcome(
-        app,
-        run,
-        sqlw.fail_run,
-        state.fail_params(failure_reason(exc)),
-        lambda row: bool(row.owned and not row.retried),
-    )
-    if not row.owned:
-        log.warning("could not record the failure of run %s: it is %s", run.run_id, row.run_state)
-    else:
-        log.info(
-            "run %s of task %s failed (attempt %d): %r", run.run_id, run.task_id, run.attempt, exc
-        )
-
-
-def work_batch(
-    app: Absurd, queue: str, worker_id: str, claim_timeout: float, batch_size: int
-) -> int:
-    sweep_expired(app, queue)
-    claimed = claim(app, queue, worker_id, claim_timeout, batch_size)
-    for position, run in enumerate(claimed):
-        # Runs wait their turn here: renew each lease before starting it, and
-        # skip a run whose lease ran out meanwhile (the sweep retries it).
-        if position and not still_held(app, run, claim_timeout):
-            log.warning("run %s lost its lease before it started; skipped", run.run_id)
-            continue
-        execute(app, run, worker_id, claim_timeout)
-    return len(claimed)
-
-
-def still_held(app: Absurd, run: ClaimedRun, claim_timeout: float) -> bool:
-    row = app._one(sqlw.heartbeat, {"run": run.run_id, "claim_timeout": claim_timeout})
-    return bool(row.owned)
 
 
 class Listener:
@@ -266,28 +104,15 @@ class Listener:
 class Worker:
     """A long-running worker for one queue. Use ``Absurd.start_worker``."""
 
-    def __init__(
-        self,
-        app: Absurd,
-        *,
-        queue: str,
-        worker_id: str,
-        claim_timeout: float,
-        concurrency: int,
-        batch_size: int,
-        poll_interval: float,
-    ) -> None:
-        if concurrency < 1:
-            raise InvalidArgument(f"concurrency must be >= 1, got {concurrency}")
-        if batch_size < 1:
-            raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
-        self.app = app
-        self.queue = queue
-        self.worker_id = worker_id
-        self.claim_timeout = claim_timeout
-        self.concurrency = concurrency
-        self.batch_size = batch_size
-        self.poll_interval = poll_interval
+    def __init__(self, executor: Executor, settings: WorkerSettings) -> None:
+        self.executor = executor
+        self.engine = executor.db.engine
+        self.queue = settings.queue
+        self.worker_id = settings.worker_id
+        self.claim_timeout = settings.claim_timeout
+        self.concurrency = settings.concurrency
+        self.batch_size = settings.batch_size
+        self.poll_interval = settings.poll_interval
         self._stopping = threading.Event()
         self._signalled: int | None = None  # set by a signal handler: no locks there
         self._wake = threading.Event()
@@ -330,7 +155,7 @@ class Worker:
 
     def _check_pool(self) -> None:
         """Each handler thread holds a connection per step, plus the claim loop's own."""
-        pool = self.app.engine.pool
+        pool = self.engine.pool
         if isinstance(pool, QueuePool):
             capacity = pool.size() + max(pool._max_overflow, 0)  # no public getter
             if capacity < self.concurrency + 1:
@@ -344,7 +169,7 @@ class Worker:
 
     def run(self) -> None:
         self._check_pool()
-        listener = Listener(self.app.engine, channel_for(self.queue), self._wake)
+        listener = Listener(self.engine, channel_for(self.queue), self._wake)
         listener.start()
         restore = _install_signal_handlers(self._on_signal)
         last_sweep = 0.0
@@ -358,12 +183,11 @@ class Worker:
                         now = time.monotonic()
                         if now - last_sweep >= SWEEP_INTERVAL:
                             last_sweep = now
-                            self._guard(sweep_expired, self.app, self.queue)
+                            self._guard(self.executor.sweep_expired, self.queue)
                         wanted = min(free, self.batch_size)
                         claimed = (
                             self._guard(
-                                claim,
-                                self.app,
+                                self.executor.claim,
                                 self.queue,
                                 self.worker_id,
                                 self.claim_timeout,
@@ -373,7 +197,7 @@ class Worker:
                         )
                         for run in claimed:
                             future = pool.submit(
-                                execute, self.app, run, self.worker_id, self.claim_timeout
+                                self.executor.execute, run, self.worker_id, self.claim_timeout
                             )
                             with self._lock:
                                 self._inflight.add(future)
@@ -413,3 +237,38 @@ def _install_signal_handlers(on_signal: Callable[[int], None]) -> Callable[[], N
             signal.signal(sig, handler)
 
     return restore
+
+
+class Workers:
+    """The workers one client runs, so ``stop_worker()`` reaches all of them.
+
+    A ``stop_worker()`` that comes while none runs is remembered: the next
+    ``run`` returns at once (the "start a thread, stop it" race).
+    """
+
+    def __init__(self) -> None:
+        self._running: list[Worker] = []
+        self._lock = threading.Lock()
+        self._stop_pending = False
+
+    def run(self, worker: Worker) -> None:
+        with self._lock:
+            if self._stop_pending:
+                self._stop_pending = False
+                return
+            self._running.append(worker)
+        try:
+            worker.run()
+        finally:
+            with self._lock:
+                self._running.remove(worker)
+
+    def running(self) -> list[Worker]:
+        with self._lock:
+            return list(self._running)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_pending = not self._running
+            for worker in self._running:
+                worker.stop()

@@ -27,6 +27,7 @@ from absurd_sqla import (
     InvalidArgument,
     InvalidQueueName,
     NotSerializable,
+    QueueMismatch,
     QueueNotFound,
     SpawnRequest,
     SpawnResult,
@@ -925,8 +926,9 @@ def test_cancel_unknown_or_invalid_id(app: Absurd, clean_db: Engine) -> None:
         app.cancel_task(uuid.uuid4())
     app.create_queue("other")
     spawned = app.spawn("t", {})
-    with pytest.raises(TaskNotFound):  # wrong queue
+    with pytest.raises(QueueMismatch, match="is on queue 'default', not 'other'") as info:
         app.cancel_task(spawned.task_id, queue_name="other")
+    assert (info.value.task_id, info.value.queue) == (spawned.task_id, "default")
     for bad in ["not-a-uuid", "", 12, None]:
         with pytest.raises(InvalidArgument):
             app.cancel_task(bad)  # type: ignore[arg-type]
@@ -942,7 +944,9 @@ def test_fetch_task_result_states(app: Absurd, clean_db: Engine) -> None:
     assert app.fetch_task_result(pending.task_id) == TaskResultSnapshot("pending", None, None)
     assert app.fetch_task_result(str(pending.task_id)) == TaskResultSnapshot("pending")
     app.create_queue("other")
-    assert app.fetch_task_result(pending.task_id, queue_name="other") is None
+    with pytest.raises(QueueMismatch, match="is on queue 'default'"):
+        app.fetch_task_result(pending.task_id, queue_name="other")
+    assert app.fetch_task_result(pending.task_id, queue_name="default") is not None
 
     # A running task that has a result stored on its run is still not "completed".
     execute(

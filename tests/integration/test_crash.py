@@ -15,7 +15,7 @@ from sqlalchemy import Engine, text
 from absurd_sqla import Absurd
 from absurd_sqla.context import TaskContext
 from absurd_sqla.testing import FakeClock, run_until_idle
-from absurd_sqla.worker import sweep_expired
+from tests.internals import sweep_expired
 
 WORKER_SCRIPT = """
 import sys, time

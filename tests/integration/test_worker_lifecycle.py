@@ -26,24 +26,12 @@ from absurd_sqla import Absurd, Hooks, InvalidArgument, SpawnRequest, TaskNotFou
 from absurd_sqla import _sql_worker as sqlw
 from absurd_sqla.models import checkpoints, events, runs, tasks
 from absurd_sqla.testing import FakeClock, run_until_idle
-from tests.support import count_tasks
+from tests.support import count_tasks, wait_until
 
 DEADLINE = 15.0  # seconds: generous upper bound for any condition to become true
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], Any], message: str, timeout: float = DEADLINE) -> Any:
-    """Poll ``condition`` until it is truthy; fail with ``message`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s: {message}")
-        time.sleep(0.005)
 
 
 def task_state(engine: Engine, task_id: uuid.UUID) -> str | None:
@@ -403,7 +391,7 @@ def test_signal_stops_a_main_thread_worker_gracefully(app: Absurd, signum: signa
         # task is in flight during shutdown. (_workers: the client's live workers.)
         deadline = time.monotonic() + DEADLINE
         while True:
-            workers = list(app._workers)
+            workers = app._workers.running()
             if workers and all(worker.stopping for worker in workers):
                 break
             if sentinel_hits or time.monotonic() > deadline:

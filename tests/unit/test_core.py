@@ -490,7 +490,9 @@ def test_fetch_result_sql() -> None:
     sql = compiled(_sql.fetch_task_result)
     assert "LEFT OUTER JOIN absurd.runs" in sql
     assert "absurd.tasks.last_run_id" in sql
-    assert "%(task)s" in sql and "%(queue)s" in sql
+    # Found by id alone (ids are unique across queues); the queue is returned to check.
+    assert "WHERE absurd.tasks.task_id = %(task)s" in sql and "%(queue)s" not in sql
+    assert "absurd.tasks.queue_name" in sql
 
 
 def test_statement_parameters_are_bound_not_literal() -> None:

@@ -1,0 +1,82 @@
+"""Operations that take more than one statement, on a connection the caller
+supplies (its own transaction or ours): spawn, emit, cancel, read a result,
+and announce a finished child. Shared by the client, the task context and the
+executor, so each decision is made in one place.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import Connection
+
+from . import _children, _sql
+from ._app import AppCore, SpawnBatch
+from ._core import SpawnResult, TaskResultSnapshot
+from .errors import QueueNotFound
+
+
+def spawn_many(conn: Connection, core: AppCore, batches: Sequence[SpawnBatch]) -> list[SpawnResult]:
+    """Spawn validated batches (``AppCore.spawn_batches``): one statement per
+    queue; results in request order."""
+    results: list[tuple[int, SpawnResult]] = []
+    if len(batches) > 1:
+        # One missing queue must fail the call before any batch is written.
+        found = conn.scalars(_sql.existing_queues, {"queues": [b.queue for b in batches]})
+        core.check_queues_exist(batches, found)
+    for batch in batches:
+        inserted = conn.execute(_sql.spawn, batch.params).all()
+        existing: Sequence[Any] = ()
+        if len(inserted) < len(batch.rows) and batch.keys:
+            existing = conn.execute(
+                _sql.existing_by_keys, {"queue": batch.queue, "keys": batch.keys}
+            ).all()
+        results += core.spawn_results(batch, inserted, existing)
+    return [result for _, result in sorted(results, key=lambda pair: pair[0])]
+
+
+def emit(conn: Connection, params: Mapping[str, Any]) -> bool:
+    """Emit an event (first emit wins) and wake its waiters. True if this emit won."""
+    row = conn.execute(_sql.emit_event, params).one()
+    if not row.queue_found:
+        raise QueueNotFound(f"queue {params['queue']!r} does not exist", queue=params["queue"])
+    if not row.emitted:
+        return False
+    # A second statement: its fresh snapshot sees every waiter that committed
+    # while we waited for the event row's lock.
+    conn.execute(_sql.wake_waiters, params)
+    return True
+
+
+def cancel(conn: Connection, params: Mapping[str, Any]) -> bool:
+    """Cancel a live task and its runs (``AppCore.task_params``). False if it had finished."""
+    row = conn.execute(_sql.cancel_task, params).one()
+    AppCore.check_found(params, row.previous_state, row.task_queue)
+    if row.cancelled:
+        conn.execute(_sql.cancel_late_runs, params)
+        announce_done(conn, params["task"], row.task_queue, row.headers)
+    return bool(row.cancelled)
+
+
+def fetch_result(conn: Connection, params: Mapping[str, Any]) -> TaskResultSnapshot | None:
+    row = conn.execute(_sql.fetch_task_result, params).one_or_none()
+    return AppCore.snapshot(params, row)
+
+
+def announce_done(
+    conn: Connection, task_id: uuid.UUID, queue: str, headers: Mapping[str, Any] | None
+) -> None:
+    """A finished child emits its done event in the transaction that finished it."""
+    if not _children.is_child(headers):
+        return
+    snapshot = fetch_result(conn, {"task": task_id, "queue": None})
+    if snapshot is None:
+        return
+    emit(
+        conn,
+        AppCore.emit_params_for(
+            queue, _children.done_event(task_id), _children.done_payload(snapshot)
+        ),
+    )
