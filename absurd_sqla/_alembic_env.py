@@ -7,6 +7,7 @@ from typing import Any
 
 from alembic.runtime.environment import EnvironmentContext
 from sqlalchemy import Connection, Engine, create_engine, pool
+from sqlalchemy.engine import URL
 
 from ._engine import default_url, normalize_url
 from .models import SCHEMA, metadata
@@ -33,11 +34,29 @@ def _configure(context: EnvironmentContext, **kw: Any) -> None:
     )
 
 
+def _url(context: EnvironmentContext) -> str | URL:
+    """The database to migrate, unless the caller handed over an Engine or Connection.
+
+    ``absurd_sqla.migrate`` passes a ``URL`` object in ``Config.attributes``: it
+    reaches ``create_engine`` as given. From the ``alembic`` command line it is
+    ``-x url=...``, then ``sqlalchemy.url`` from the ini file, then the environment.
+    """
+    cfg = context.config
+    given = cfg.attributes.get("url")
+    if isinstance(given, str | URL):
+        return given
+    x_url: str | None = context.get_x_argument(as_dictionary=True).get("url")
+    return (
+        x_url
+        or cfg.get_main_option("sqlalchemy.url")
+        or os.environ.get("ABSURD_DATABASE_URL")
+        or default_url()
+    )
+
+
 def run(context: EnvironmentContext) -> None:
     cfg = context.config
-    url = cfg.get_main_option("sqlalchemy.url") or os.environ.get("ABSURD_DATABASE_URL")
-    x_url = context.get_x_argument(as_dictionary=True).get("url")
-    url = x_url or url or default_url()
+    url = _url(context)
     if context.is_offline_mode():
         _configure(context, url=normalize_url(url), literal_binds=True)
         with context.begin_transaction():

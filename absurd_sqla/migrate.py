@@ -33,8 +33,10 @@ def config(bind: Target = None) -> Config:
     if isinstance(bind, Engine | Connection):
         cfg.attributes["connection"] = bind
     else:
-        url = normalize_url(bind if bind is not None else default_url())
-        cfg.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False))
+        # The URL object itself, not its rendering as an ini option: options go through
+        # configparser interpolation, where the "%" of an escaped password or of a
+        # ``?host=`` socket directory is a syntax error. _alembic_env reads it back.
+        cfg.attributes["url"] = normalize_url(bind if bind is not None else default_url())
     return cfg
 
 
