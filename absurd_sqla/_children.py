@@ -12,6 +12,7 @@ finished the child, is ``_ops.announce_done``; everything else lives here.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -40,8 +41,16 @@ def child_headers(headers: Mapping[str, Any] | None, parent_id: uuid.UUID) -> di
 
 
 def child_key(parent_id: uuid.UUID, checkpoint_name: str) -> str:
-    """A child's idempotency key: the same on every replay of the parent's step."""
-    return f"{parent_id}:{checkpoint_name}"
+    """A child's idempotency key: the same on every replay of the parent's step.
+
+    A step name too long for a key (``$spawn:`` + a 255-character task name)
+    is replaced by its digest, so every task name the API accepts can be spawned.
+    """
+    key = f"{parent_id}:{checkpoint_name}"
+    if len(key) <= _core.MAX_NAME_LENGTH:
+        return key
+    digest = hashlib.sha256(checkpoint_name.encode("utf-8")).hexdigest()
+    return f"{parent_id}:sha256:{digest}"
 
 
 def check_parent(

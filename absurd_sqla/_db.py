@@ -32,7 +32,9 @@ def refuse_autocommit(engine: Engine, session_factory: sessionmaker[Session]) ->
             continue
         levels = (
             bind.get_execution_options().get("isolation_level"),
-            getattr(bind.dialect, "isolation_level", None),
+            # create_engine(isolation_level=...) is kept here; SQLAlchemy has no
+            # public getter for it (and reading a connection would mean I/O).
+            getattr(bind.dialect, "_on_connect_isolation_level", None),
         )
         if "AUTOCOMMIT" in levels:
             raise InvalidArgument(
