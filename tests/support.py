@@ -1,13 +1,32 @@
-"""A small business schema the tests write to next to absurd's tables."""
+"""Shared test helpers: a small business schema the tests write to next to
+absurd's tables, database probes, and waiting on conditions with a deadline.
+
+No sleep stands in for a condition: ``wait_until`` polls one (a database state,
+usually) and fails the test with a message when its deadline passes.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import dataclasses
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import create_engine, func, select
+import pytest
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from absurd_sqla.models import runs, tasks
+from absurd_sqla._run import ClaimedRun
+from absurd_sqla.models import runs, tasks, waits
+
+if TYPE_CHECKING:
+    from absurd_sqla import Absurd
+
+DEADLINE = 15.0  # seconds: generous upper bound for any awaited condition
 
 
 class Base(DeclarativeBase):
@@ -43,3 +62,141 @@ def count_tasks(session_or_engine: Any, **where: Any) -> int:
 def count_runs(engine: Any) -> int:
     with engine.connect() as conn:
         return int(conn.scalar(select(func.count()).select_from(runs)) or 0)
+
+
+def run_states(engine: Engine, task_id: Any) -> list[str]:
+    """The states of a task's runs, by attempt."""
+    with engine.connect() as conn:
+        return list(
+            conn.scalars(
+                select(runs.c.state).where(runs.c.task_id == task_id).order_by(runs.c.attempt)
+            )
+        )
+
+
+def task_state(engine: Engine, task_id: Any) -> str | None:
+    with engine.connect() as conn:
+        return conn.scalar(select(tasks.c.state).where(tasks.c.task_id == task_id))
+
+
+def wait_rows(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(waits)) or 0)
+
+
+CLAIMED_AT = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def claimed_run(**fields: Any) -> ClaimedRun:
+    """A first attempt as the claim statement returns it, claimed at CLAIMED_AT
+    (for unit tests of run state: no database involved)."""
+    run = ClaimedRun(
+        run_id=uuid.uuid4(),
+        task_id=uuid.uuid4(),
+        queue_name="default",
+        task_name="t",
+        attempt=1,
+        params={},
+        headers={},
+        retry_strategy=None,
+        max_attempts=None,
+        cancellation=None,
+        enqueued_at=CLAIMED_AT,
+        first_started_at=CLAIMED_AT,
+        prev_first_started_at=None,
+        prev_started_at=None,
+        claimed_at=CLAIMED_AT,
+        checkpoints={},
+    )
+    return dataclasses.replace(run, **fields)
+
+
+# -- waiting -----------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], Any], message: str, timeout: float = DEADLINE) -> Any:
+    """Poll ``condition`` until it is truthy and return its value; fail the test
+    with ``message`` once ``timeout`` seconds have passed. The poll only
+    observes: it never stands in for the synchronisation it waits for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s: {message}")
+        time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def worker_thread(app: Absurd, **kwargs: Any) -> Iterator[threading.Thread]:
+    """``app.start_worker(**kwargs)`` in a background thread, stopped and joined on exit."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            app.start_worker(**kwargs)
+        except BaseException as exc:  # surfaced by the test thread below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="test-worker", daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        # stop_worker() only reaches workers that have registered, so repeat it
+        # until the thread is gone (it may not have registered yet).
+        deadline = time.monotonic() + DEADLINE
+        while thread.is_alive() and time.monotonic() < deadline:
+            app.stop_worker()
+            thread.join(timeout=0.05)
+        assert not thread.is_alive(), "the worker thread did not stop"
+    assert not errors, f"start_worker raised: {errors!r}"
+
+
+# -- races --------------------------------------------------------------------------
+#
+# Races are made deterministic without sleeps: a transaction is held open (or a
+# row lock is taken by a third connection) to stretch the window, the other side
+# is started in a thread (``Outcome``), and ``pg_stat_activity`` is polled with a
+# deadline until it waits on a lock; only then is the first transaction released.
+
+
+def lock_waiters(engine: Engine) -> int:
+    """Backends of this database (other than ours) waiting for a heavyweight lock."""
+    with engine.connect() as conn:
+        return int(
+            conn.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                )
+            )
+            or 0
+        )
+
+
+def wait_for_lock_waiters(engine: Engine, count: int) -> None:
+    wait_until(lambda: lock_waiters(engine) >= count, f"{count} backend(s) waiting on a lock")
+
+
+class Outcome:
+    """Run ``fn`` in a thread and keep its result or exception."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self.value = fn()
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def join(self) -> Outcome:
+        self.thread.join(DEADLINE)
+        assert not self.thread.is_alive(), "thread still blocked"
+        return self

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -13,13 +13,30 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from absurd_sqla import Absurd, NotSerializable, SpawnRequest, TaskStateError, TimeoutError
+from absurd_sqla import (
+    Absurd,
+    LeaseLost,
+    NotSerializable,
+    SpawnRequest,
+    TaskStateError,
+    TimeoutError,
+)
 from absurd_sqla import _sql_worker as sqlw
+from absurd_sqla._run import ClaimedRun
 from absurd_sqla.context import TaskContext
-from absurd_sqla.models import checkpoints, runs, tasks, waits
+from absurd_sqla.models import checkpoints, events, runs, tasks, waits
 from absurd_sqla.testing import FakeClock, run_until_idle
-from absurd_sqla.worker import claim, execute, sweep_expired
-from tests.support import Order
+from tests.internals import claim, execute, sweep_expired
+from tests.support import (
+    Order,
+    Outcome,
+    lock_waiters,
+    run_states,
+    task_state,
+    wait_for_lock_waiters,
+    wait_rows,
+    wait_until,
+)
 
 
 def task_row(engine: Engine, task_id: Any) -> Any:
@@ -42,15 +59,6 @@ def checkpoint_names(engine: Engine, task_id: Any) -> dict[str, Any]:
             )
         )
         return {row.checkpoint_name: row.state for row in rows}
-
-
-def wait_until(condition: Any, timeout: float = 10.0) -> None:
-    """Poll a condition (a database state, usually) with a deadline."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.005)
 
 
 # -- steps and replay ------------------------------------------------------------
@@ -94,6 +102,31 @@ def test_repeated_step_names_are_numbered(app: Absurd) -> None:
     assert checkpoint_names(app.engine, spawned.task_id) == {"poll": 0, "poll#2": 10, "poll#3": 20}
     snapshot = app.fetch_task_result(spawned.task_id)
     assert snapshot is not None and snapshot.result == [0, 10, 20]
+
+
+def test_a_step_named_like_a_repeat_does_not_collide(app: Absurd) -> None:
+    calls: list[str] = []
+
+    def step_fn(tag: str) -> Callable[[], str]:
+        def fn() -> str:
+            calls.append(tag)
+            return tag
+
+        return fn
+
+    @app.register_task("numbered")
+    def numbered(params: Any, ctx: TaskContext) -> list[str]:
+        return [
+            ctx.step("poll", step_fn("a")),
+            ctx.step("poll", step_fn("b")),  # checkpoint "poll#2"
+            ctx.step("poll#2", step_fn("c")),  # a different step; observed: returns "b"
+        ]
+
+    spawned = app.spawn("numbered", {})
+    run_until_idle(app)
+    snapshot = app.fetch_task_result(spawned.task_id)
+    assert snapshot is not None
+    assert (snapshot.result, calls) == (["a", "b", "c"], ["a", "b", "c"])
 
 
 def test_run_step_decorator_forms_and_begin_complete(app: Absurd) -> None:
@@ -331,18 +364,6 @@ def test_event_before_timeout_wins(app: Absurd, clock: FakeClock) -> None:
     assert snapshot is not None and snapshot.result == 42
 
 
-def _session_waiting_pids(engine: Engine) -> list[int]:
-    with engine.connect() as conn:
-        return list(
-            conn.scalars(
-                text(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
-                )
-            )
-        )
-
-
 def _await_params(run_id: Any) -> dict[str, Any]:
     """Parameters of the await_event statement for event "e" on the default queue."""
     return {
@@ -370,7 +391,7 @@ def test_emit_committing_while_waiter_suspends_is_not_lost(app: Absurd) -> None:
         assert row.owned == 1 and row.suspended == 1  # suspended, not yet committed
         emitter = threading.Thread(target=app.emit_event, args=("e", {"v": 1}))
         emitter.start()
-        wait_until(lambda: len(_session_waiting_pids(app.engine)) == 1)  # emit blocks on us
+        wait_until(lambda: lock_waiters(app.engine) == 1, "the emit blocks on the waiter")
         waiter.commit()
         emitter.join(timeout=10)
         assert not emitter.is_alive()
@@ -394,12 +415,45 @@ def test_waiter_suspending_while_emit_uncommitted_sees_the_event(app: Absurd) ->
 
         waiter = threading.Thread(target=suspend)
         waiter.start()
-        wait_until(lambda: len(_session_waiting_pids(app.engine)) == 1)
+        wait_until(lambda: lock_waiters(app.engine) == 1, "the waiter blocks on the emit")
         session.commit()
         waiter.join(timeout=10)
     (row,) = results
     assert row.emitted and row.payload == {"v": 2} and row.suspended == 0
     assert runs_of(app.engine, spawned.task_id)[0].state == "running"
+
+
+def test_emit_racing_a_timeout_claim_delivers_the_event_once(app: Absurd, clock: FakeClock) -> None:
+    """The claim (timeout reached) holds the run; emit's wake_waiters waits for it,
+    then skips the now-running run. The replayed await must still see the event."""
+    seen: list[Any] = []
+
+    @app.register_task("patient")
+    def patient(params: Any, ctx: TaskContext) -> Any:
+        try:
+            value = ctx.await_event("e", timeout=10)
+        except TimeoutError:
+            value = "timeout"
+        seen.append(value)
+        return value
+
+    spawned = app.spawn("patient", {})
+    run_until_idle(app)
+    clock.advance(10)
+    with app.engine.connect() as claimer:  # the timeout claim, not yet committed
+        (row,) = claimer.execute(
+            sqlw.claim,
+            {"queue": "default", "worker": "w", "claim_timeout": 120, "batch_size": 1},
+        ).all()
+        emit = Outcome(lambda: app.emit_event("e", {"v": 1}))
+        wait_for_lock_waiters(app.engine, 1)  # wake_waiters waits for the run
+        claimer.commit()
+        emit.join()
+    assert emit.error is None and emit.value is True
+    execute(app, ClaimedRun.from_row(row), "w", 120)
+    assert seen == [{"v": 1}]  # the event emitted before the replayed await wins
+    assert checkpoint_names(app.engine, spawned.task_id) == {"$await:e": {"payload": {"v": 1}}}
+    assert wait_rows(app.engine) == 0
 
 
 # -- retries ----------------------------------------------------------------------
@@ -569,31 +623,21 @@ def test_max_delay_cancels_a_task_not_started_in_time(app: Absurd, clock: FakeCl
     assert ran == [1]
 
 
-def test_max_duration_counts_sleep(app: Absurd, clock: FakeClock) -> None:
-    @app.register_task("bounded")
-    def handler(params: Any, ctx: TaskContext) -> str:
-        ctx.sleep_for("long-nap", 120)
-        return "too late"
+def test_deferred_unknown_task_still_honours_max_delay(app: Absurd, clock: FakeClock) -> None:
+    spawned = app.spawn("late-deploy", {}, cancellation={"max_delay": 30})
+    assert app.work_batch() == 1  # no handler here yet: deferred, never started
+    clock.advance(100)
+    ran: list[int] = []
 
-    spawned = app.spawn("bounded", {}, cancellation={"max_duration": 60})
-    run_until_idle(app)
-    clock.advance(121)
-    run_until_idle(app)
-    snapshot = app.fetch_task_result(spawned.task_id)
-    assert snapshot is not None and snapshot.state == "cancelled"
+    @app.register_task("late-deploy")
+    def late_deploy(params: Any, ctx: TaskContext) -> str:
+        ran.append(1)
+        return "ran"
 
-
-def test_max_duration_enforced_at_checkpoints(app: Absurd, clock: FakeClock) -> None:
-    @app.register_task("slow-steps")
-    def handler(params: Any, ctx: TaskContext) -> str:
-        ctx.step("a", lambda: clock.advance(61) and 1)
-        ctx.step("b", lambda: 2)
-        return "done"
-
-    spawned = app.spawn("slow-steps", {}, cancellation={"max_duration": 60})
     run_until_idle(app)
     snapshot = app.fetch_task_result(spawned.task_id)
-    assert snapshot is not None and snapshot.state == "cancelled"
+    assert snapshot is not None
+    assert (snapshot.state, ran) == ("cancelled", [])  # observed: ("completed", [1])
 
 
 # -- unknown tasks ----------------------------------------------------------------
@@ -713,6 +757,108 @@ def test_no_expiry_with_non_positive_claim_timeout(app: Absurd, clock: FakeClock
     app.work_batch(claim_timeout=0)
     snapshot = app.fetch_task_result(spawned.task_id)
     assert snapshot is not None and snapshot.result == "ok"
+
+
+def _fenced_op(name: str) -> Callable[[TaskContext], Any]:
+    def tx(session: Any) -> int:
+        session.add(Order(email="fenced@example.com", amount=1))
+        return 1
+
+    def fail(ctx: TaskContext) -> Any:
+        raise RuntimeError("fenced failure")
+
+    return {
+        "step": lambda ctx: ctx.step("s", lambda: 1),
+        "transaction_step": lambda ctx: ctx.transaction_step("tx", tx),
+        "spawn": lambda ctx: ctx.spawn("child", {}),
+        "emit_event": lambda ctx: ctx.emit_event("ev", 1),
+        "sleep_for": lambda ctx: ctx.sleep_for("nap", 5),
+        "await_event": lambda ctx: ctx.await_event("ev2", timeout=5),
+        "heartbeat": lambda ctx: ctx.heartbeat(),
+        "complete": lambda ctx: "result",
+        "fail": fail,
+    }[name]
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        "step",
+        "transaction_step",
+        "spawn",
+        "emit_event",
+        "sleep_for",
+        "await_event",
+        "heartbeat",
+        "complete",
+        "fail",
+    ],
+)
+def test_a_worker_with_an_expired_lease_commits_nothing(
+    app: Absurd, clock: FakeClock, op: str
+) -> None:
+    raised: list[str] = []
+
+    @app.register_task("fenced", default_max_attempts=3)
+    def fenced(params: Any, ctx: TaskContext) -> Any:
+        clock.advance(121)  # past the 120 s lease; nobody has swept yet
+        try:
+            return _fenced_op(op)(ctx)
+        except LeaseLost:
+            raised.append("LeaseLost")
+            raise
+
+    spawned = app.spawn("fenced", {})
+    app.work_batch(claim_timeout=120)
+    if op not in ("complete", "fail"):
+        assert raised == ["LeaseLost"]
+    else:  # no ctx call to fence: the worker's complete/fail write is refused instead
+        assert raised == []
+    assert run_states(app.engine, spawned.task_id) == ["running"]  # left for the sweep
+    assert task_state(app.engine, spawned.task_id) == "running"
+    assert checkpoint_names(app.engine, spawned.task_id) == {}
+    with app.engine.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM public.orders")) == 0
+        assert conn.scalar(text("SELECT count(*) FROM absurd.tasks")) == 1
+        assert conn.scalar(select(text("count(*)")).select_from(events)) == 0
+        assert conn.scalar(select(text("count(*)")).select_from(waits)) == 0
+    assert sweep_expired(app, "default") == 1
+    assert run_states(app.engine, spawned.task_id) == ["failed", "pending"]
+
+
+def test_a_checkpoint_does_not_shorten_a_longer_heartbeat(app: Absurd, clock: FakeClock) -> None:
+    @app.register_task("long-haul")
+    def long_haul(params: Any, ctx: TaskContext) -> str:
+        ctx.heartbeat(100)  # "the next part takes up to 100 s"
+        ctx.step("prepare", lambda: 1)  # observed: lease cut back to now + 10 s
+        clock.advance(50)
+        ctx.step("finish", lambda: 2)  # observed: LeaseLost
+        return "ok"
+
+    spawned = app.spawn("long-haul", {})
+    app.work_batch(claim_timeout=10)
+    snapshot = app.fetch_task_result(spawned.task_id)
+    assert snapshot is not None and snapshot.state == "completed"
+
+
+def test_work_batch_does_not_start_a_run_whose_lease_already_expired(
+    app: Absurd, clock: FakeClock
+) -> None:
+    started: list[int] = []
+
+    @app.register_task("slow")
+    def slow(params: Any, ctx: TaskContext) -> str:
+        started.append(params["i"])
+        for _ in range(2):  # 12 s of work, keeping its own lease alive
+            clock.advance(6)
+            ctx.heartbeat()
+        return "done"
+
+    app.spawn_many([SpawnRequest("slow", {"i": i}) for i in range(2)])
+    app.work_batch(claim_timeout=10, batch_size=2)
+    # Run 1's lease (claimed with run 0, 10 s) ran out at +10 s; it was started at +12 s
+    # anyway, while any other worker's sweep may already be retrying it.
+    assert started == [0]
 
 
 # -- transaction_step ---------------------------------------------------------------
@@ -840,17 +986,19 @@ def test_two_claimers_never_get_the_same_run(app: Absurd) -> None:
 
 
 def test_cancel_racing_complete_and_fail_never_deadlocks(app: Absurd) -> None:
+    gates: list[threading.Barrier] = []
+
+    @app.register_task("racer", default_max_attempts=1)
+    def handler(params: Any, ctx: TaskContext) -> str:
+        gates[-1].wait()
+        if params["fail"]:
+            raise RuntimeError("fail")
+        return "done"
+
     for round_ in range(20):
         gate = threading.Barrier(2, timeout=10)
+        gates.append(gate)
         should_fail = round_ % 2 == 1
-
-        @app.register_task("racer", default_max_attempts=1)
-        def handler(params: Any, ctx: TaskContext, gate: threading.Barrier = gate) -> str:
-            gate.wait()
-            if params["fail"]:
-                raise RuntimeError("fail")
-            return "done"
-
         spawned = app.spawn("racer", {"fail": should_fail})
         (run,) = claim(app, "default", "w", 120, 1)
         worker = threading.Thread(target=execute, args=(app, run, "w", 120))
@@ -930,7 +1078,7 @@ def test_stop_before_the_worker_registers_is_not_lost(app: Absurd) -> None:
     # The pending stop was used up: the next worker runs until stopped.
     again = threading.Thread(target=app.start_worker, kwargs={"poll_interval": 30})
     again.start()
-    wait_until(lambda: bool(app._workers))
+    wait_until(app._workers.running, "the second worker registered")
     app.stop_worker()
     again.join(10)
     assert not again.is_alive()
