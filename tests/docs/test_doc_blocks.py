@@ -360,6 +360,7 @@ HANDLERS: dict[str, dict[str, dict[str, Any]]] = {
     "docs/howto/steps.md": {
         "import-invoice": {"url": "https://example.com/inv-1.pdf"},
         "report": {},
+        "audited": {},
     },
     "docs/howto/sleeping.md": {"trial-reminder": {"user_id": 7}, "poll-export": {"export_id": 3}},
     "docs/howto/events.md": {"ship-order": {"order_id": 42}},
