@@ -48,6 +48,13 @@ class WorkerSettings:
     concurrency: int = 1
     poll_interval: float = 0.25
 
+    @property
+    def connections_needed(self) -> int:
+        """Pool connections this worker needs: one per handler, one for the claim
+        loop, one spare for a handler holding two (its own session across a step).
+        docs/howto/workers.md states the same rule."""
+        return self.concurrency + 2
+
     @classmethod
     def checked(
         cls,

@@ -93,7 +93,7 @@ _candidates = (
     .order_by(runs.c.available_at)
     .limit(bindparam("batch_size", type_=Integer))
     # Claim never waits: a run or task locked by anyone else is skipped.
-    .with_for_update(skip_locked=True, of=[runs, tasks])
+    .with_for_update(skip_locked=True, of=[runs.c.run_id, tasks.c.task_id])
     .cte("candidates")
 )
 _claimed = (
@@ -172,7 +172,7 @@ expired_runs = (
     )
     .order_by(runs.c.claim_expires_at)
     .limit(100)
-    .with_for_update(skip_locked=True, of=[runs, tasks])
+    .with_for_update(skip_locked=True, of=[runs.c.run_id, tasks.c.task_id])
 )
 
 # -- checkpoints and leases --------------------------------------------------

@@ -105,6 +105,7 @@ class Worker:
     """A long-running worker for one queue. Use ``Absurd.start_worker``."""
 
     def __init__(self, executor: Executor, settings: WorkerSettings) -> None:
+        self.settings = settings
         self.executor = executor
         self.engine = executor.db.engine
         self.queue = settings.queue
@@ -153,22 +154,32 @@ class Worker:
             log.error("worker slot crashed", exc_info=exc)
         self._wake.set()
 
-    def _check_pool(self) -> None:
-        """Each handler thread holds a connection per step, plus the claim loop's own."""
+    def _check_pool(self, shared_need: int) -> None:
+        """Warn when the engine's pool is smaller than what this worker and the
+        client's other running workers (``shared_need``) need together."""
         pool = self.engine.pool
-        if isinstance(pool, QueuePool):
-            capacity = pool.size() + max(pool._max_overflow, 0)  # no public getter
-            if capacity < self.concurrency + 1:
-                log.warning(
-                    "the engine's pool allows %d connections but concurrency=%d needs %d; "
-                    "handlers will wait for connections (raise pool_size/max_overflow)",
-                    capacity,
-                    self.concurrency,
-                    self.concurrency + 1,
-                )
+        if not isinstance(pool, QueuePool):
+            return
+        overflow = pool._max_overflow  # no public getter; -1 means unlimited
+        if overflow < 0:
+            return
+        capacity = pool.size() + overflow
+        needed = self.settings.connections_needed + shared_need
+        if capacity < needed:
+            log.warning(
+                "the engine's pool allows %d connections but concurrency=%d needs %d "
+                "(one per handler, one for the claim loop, one spare%s); handlers will "
+                "wait for connections (raise pool_size/max_overflow)",
+                capacity,
+                self.concurrency,
+                needed,
+                f", plus {shared_need} for this client's other workers" if shared_need else "",
+            )
 
-    def run(self) -> None:
-        self._check_pool()
+    def run(self, shared_need: int = 0) -> None:
+        """Run until stopped; ``shared_need``: pool connections that this client's
+        other running workers need from the same engine."""
+        self._check_pool(shared_need)
         listener = Listener(self.engine, channel_for(self.queue), self._wake)
         listener.start()
         restore = _install_signal_handlers(self._on_signal)
@@ -256,9 +267,10 @@ class Workers:
             if self._stop_pending:
                 self._stop_pending = False
                 return
+            shared_need = sum(w.settings.connections_needed for w in self._running)
             self._running.append(worker)
         try:
-            worker.run()
+            worker.run(shared_need)
         finally:
             with self._lock:
                 self._running.remove(worker)

@@ -173,3 +173,35 @@ def test_start_worker_does_not_warn_when_the_pool_is_big_enough(
     enough = Absurd(engine_with_pool(pool_size=4, max_overflow=2))  # 6 connections
     run_one_task(enough, concurrency=4)
     assert pool_warnings(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("pool_size", "max_overflow", "warns"),
+    [(3, 2, True), (3, 3, False), (1, -1, False)],  # concurrency=4 needs 6
+)
+def test_the_pool_warning_follows_the_documented_rule(
+    app: Absurd,
+    engine_with_pool: Any,
+    caplog: pytest.LogCaptureFixture,
+    pool_size: int,
+    max_overflow: int,
+    warns: bool,
+) -> None:
+    """docs/howto/workers.md: at least ``concurrency + 2``; unlimited overflow is enough."""
+    caplog.set_level(logging.WARNING, logger="absurd_sqla.worker")
+    client = Absurd(engine_with_pool(pool_size=pool_size, max_overflow=max_overflow))
+    run_one_task(client, concurrency=4)
+    assert bool(pool_warnings(caplog)) is warns
+
+
+def test_workers_sharing_a_client_add_their_needs_up(
+    app: Absurd, engine_with_pool: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="absurd_sqla.worker")
+    client = Absurd(engine_with_pool(pool_size=6, max_overflow=0))  # enough for one c=4
+    with worker_thread(client, concurrency=4, poll_interval=0.05):
+        wait_until(lambda: client._workers.running(), "the first worker runs")
+        with worker_thread(client, concurrency=1, poll_interval=0.05):  # needs 3 more
+            wait_until(lambda: pool_warnings(caplog), "the second worker warns")
+    (message,) = pool_warnings(caplog)
+    assert "needs 9" in message and "other workers" in message
