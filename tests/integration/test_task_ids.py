@@ -131,3 +131,20 @@ def test_retrying_a_task_that_did_not_fail_names_its_state(app: Absurd) -> None:
         "pending",
         "default",
     )
+
+
+def test_retry_found_by_id_notifies_the_tasks_own_queue(other_app: Absurd) -> None:
+    """The retry statement names the channel in SQL, from the task's queue."""
+    import psycopg
+
+    app = other_app
+    failing = app.spawn("on-other", {"fail": True})
+    run_until_idle(app, queue="other")
+    url = app.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute('LISTEN "absurd.other"')
+        listener.execute('LISTEN "absurd.default"')
+        app.retry_task(failing.task_id)
+        received = list(listener.notifies(timeout=5, stop_after=1))
+        assert [n.channel for n in received] == ["absurd.other"]
+        assert list(listener.notifies(timeout=0.2, stop_after=1)) == []
