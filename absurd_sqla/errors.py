@@ -15,29 +15,8 @@ import builtins
 import uuid
 
 
-class _Fields:
+class _Fields(BaseException):
     """The structured fields shared by errors and task signals."""
-
-    task_id: uuid.UUID | None
-    run_id: uuid.UUID | None
-    queue: str | None
-    state: str | None
-
-    def _set_fields(
-        self,
-        task_id: uuid.UUID | None,
-        run_id: uuid.UUID | None,
-        queue: str | None,
-        state: str | None,
-    ) -> None:
-        self.task_id = task_id
-        self.run_id = run_id
-        self.queue = queue
-        self.state = state
-
-
-class AbsurdError(_Fields, Exception):
-    """Base class of every error absurd_sqla raises to callers."""
 
     def __init__(
         self,
@@ -49,7 +28,14 @@ class AbsurdError(_Fields, Exception):
         state: str | None = None,
     ) -> None:
         super().__init__(message)
-        self._set_fields(task_id, run_id, queue, state)
+        self.task_id = task_id
+        self.run_id = run_id
+        self.queue = queue
+        self.state = state
+
+
+class AbsurdError(_Fields, Exception):
+    """Base class of every error absurd_sqla raises to callers."""
 
 
 class InvalidArgument(AbsurdError, ValueError):
@@ -91,20 +77,8 @@ class TimeoutError(AbsurdError, builtins.TimeoutError):
     """A wait (for an event or a task result) passed its timeout."""
 
 
-class TaskSignal(_Fields, BaseException):
+class TaskSignal(_Fields):
     """Control flow of a running task; never catch it in task code."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        task_id: uuid.UUID | None = None,
-        run_id: uuid.UUID | None = None,
-        queue: str | None = None,
-        state: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self._set_fields(task_id, run_id, queue, state)
 
 
 class SuspendTask(TaskSignal):

@@ -26,7 +26,7 @@ from absurd_sqla import Absurd, Hooks, InvalidArgument, SpawnRequest, TaskNotFou
 from absurd_sqla import _sql_worker as sqlw
 from absurd_sqla.models import checkpoints, events, runs, tasks
 from absurd_sqla.testing import FakeClock, run_until_idle
-from tests.support import count_tasks, wait_until
+from tests.support import count_tasks, wait_until, worker_thread
 
 DEADLINE = 15.0  # seconds: generous upper bound for any condition to become true
 
@@ -42,32 +42,6 @@ def task_state(engine: Engine, task_id: uuid.UUID) -> str | None:
 def count_where(engine: Engine, table: Any, *where: Any) -> int:
     with engine.connect() as conn:
         return int(conn.scalar(select(func.count()).select_from(table).where(*where)) or 0)
-
-
-@contextlib.contextmanager
-def worker_thread(app: Absurd, **kwargs: Any) -> Iterator[threading.Thread]:
-    """``app.start_worker(**kwargs)`` in a background thread, stopped and joined on exit."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            app.start_worker(**kwargs)
-        except BaseException as exc:  # surfaced by the test thread below
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="test-worker", daemon=True)
-    thread.start()
-    try:
-        yield thread
-    finally:
-        # stop_worker() only reaches workers that have registered, so repeat it
-        # until the thread is gone (it may not have registered yet).
-        deadline = time.monotonic() + DEADLINE
-        while thread.is_alive() and time.monotonic() < deadline:
-            app.stop_worker()
-            thread.join(timeout=0.05)
-        assert not thread.is_alive(), "the worker thread did not stop"
-    assert not errors, f"start_worker raised: {errors!r}"
 
 
 @pytest.fixture

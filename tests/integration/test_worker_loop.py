@@ -165,16 +165,6 @@ def test_start_worker_warns_when_the_pool_is_smaller_than_the_concurrency(
     assert "allows 3 connections" in message and "concurrency=4" in message
 
 
-def test_start_worker_does_not_warn_when_the_pool_is_big_enough(
-    app: Absurd, engine_with_pool: Any, caplog: pytest.LogCaptureFixture
-) -> None:
-    """concurrency + 2 connections: the rule of docs/howto/workers.md."""
-    caplog.set_level(logging.WARNING, logger="absurd_sqla.worker")
-    enough = Absurd(engine_with_pool(pool_size=4, max_overflow=2))  # 6 connections
-    run_one_task(enough, concurrency=4)
-    assert pool_warnings(caplog) == []
-
-
 @pytest.mark.parametrize(
     ("pool_size", "max_overflow", "warns"),
     [(3, 2, True), (3, 3, False), (1, -1, False)],  # concurrency=4 needs 6
