@@ -13,7 +13,9 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, Engine, Row
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import Executable
 
@@ -21,6 +23,22 @@ from ._engine import Bind, engine_and_sessions
 from .errors import InvalidArgument
 
 SessionLike = Session | Connection
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """An error that means the connection or the server went away (a restart, a
+    failover, a terminated backend), as opposed to an error in what we sent
+    (a deadlock, a timeout, a constraint: those carry their own SQLSTATE)."""
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig if exc.orig is not None else exc
+    if not isinstance(exc, psycopg.Error):
+        return False
+    if exc.sqlstate is None:  # raised by the client: no server answer at all
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    # 08: connection exception; 57P: the server shut down or is starting.
+    return exc.sqlstate.startswith(("08", "57P"))
 
 
 def refuse_autocommit(engine: Engine, session_factory: sessionmaker[Session]) -> None:
