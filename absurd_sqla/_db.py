@@ -66,8 +66,13 @@ class Database:
     """The engine, its autocommit twin and the Session factory, with I/O primitives."""
 
     def __init__(self, bind: Bind) -> None:
-        # A URL bind gets a pool big enough for a worker with a few threads.
-        self.engine, self.session_factory = engine_and_sessions(bind, pool_size=10, max_overflow=20)
+        # A URL bind gets a pool big enough for a worker with a few threads, whose
+        # connections are pinged on checkout: one that died while idle (a server
+        # restart, a terminated backend, a proxy's idle timeout) is replaced
+        # rather than handed to a task, whose write would fail on it.
+        self.engine, self.session_factory = engine_and_sessions(
+            bind, pool_size=10, max_overflow=20, pool_pre_ping=True
+        )
         refuse_autocommit(self.engine, self.session_factory)
         # Single statements are atomic alone: run them without BEGIN/COMMIT,
         # one round trip instead of three. Shares the engine's pool.

@@ -36,6 +36,9 @@ def normalize_url(url: str | URL, *, driver: str = "psycopg") -> URL:
 
 
 def engine_and_sessions(bind: Bind, **engine_kw: Any) -> tuple[Engine, sessionmaker[Session]]:
+    """The Engine and Session factory of ``bind``. ``engine_kw`` configure an
+    engine made here from a URL; an Engine or sessionmaker passed in is used
+    as it is (its pool settings, ``pool_pre_ping`` included, are the caller's)."""
     if bind is None:
         bind = default_url()
     if isinstance(bind, sessionmaker):
