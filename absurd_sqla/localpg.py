@@ -8,6 +8,11 @@ The server is built from the PostgreSQL binaries on the machine (``pg_config
 local connections, and is deleted on exit. PostgreSQL refuses to run as root, so
 when this process is root the server runs as the ``postgres`` system user (or
 ``nobody``) with a data directory owned by it.
+
+The server's log is a plain file (:attr:`LocalPostgres.log_path`), and
+:meth:`LocalPostgres.restart` stops the server the way ``pg_ctl restart -m
+MODE`` does and starts it again on the same port and data directory, so URLs
+handed out before stay valid (fault-injection tests use both).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 
 import psycopg
 
-__all__ = ["LocalPostgres", "database_url", "find_bindir"]
+__all__ = ["SHUTDOWN_MODES", "LocalPostgres", "database_url", "find_bindir"]
 
 
 def find_bindir() -> Path:
@@ -67,6 +72,9 @@ def _server_user() -> pwd.struct_passwd | None:
     raise RuntimeError("running as root, and no 'postgres' or 'nobody' user to run PostgreSQL as")
 
 
+SHUTDOWN_MODES = ("smart", "fast", "immediate")
+
+
 class LocalPostgres:
     """One private PostgreSQL cluster in a temporary directory."""
 
@@ -76,10 +84,27 @@ class LocalPostgres:
         self._user = _server_user()
         self._base: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+        self._registered = False
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def data_dir(self) -> Path:
+        """The cluster's data directory (only while started)."""
+        return self._started_base() / "data"
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file: everything the server writes, appended across
+        restarts (``ERROR:  deadlock detected`` and the like end up here)."""
+        return self._started_base() / "server.log"
+
+    def _started_base(self) -> Path:
+        if self._base is None:
+            raise RuntimeError("the local PostgreSQL server is not started")
+        return self._base
 
     def _spawn_args(self) -> dict[str, Any]:
         """Popen arguments that drop to the server's user when we are root."""
@@ -97,7 +122,7 @@ class LocalPostgres:
         self._base = Path(tempfile.mkdtemp(prefix="absurd-pg-"))
         self._base.chmod(0o755)  # the server's user must reach its data dir inside
         data = self._owned_dir(self._base / "data")
-        sockets = self._owned_dir(self._base / "run")
+        self._owned_dir(self._base / "run")
         subprocess.run(
             [
                 str(self.bindir / "initdb"),
@@ -117,42 +142,86 @@ class LocalPostgres:
             env={**os.environ, "LC_ALL": "C"},
             **self._spawn_args(),
         )
-        log = open(self._base / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
-        self._process = subprocess.Popen(
+        if not self._registered:
+            atexit.register(self.stop)
+            self._registered = True
+        self._launch()
+        return self.url
+
+    def _launch(self) -> None:
+        """Start the postmaster on the existing data directory and wait until it
+        accepts connections (after crash recovery, if the last stop was one)."""
+        base = self._started_base()
+        with open(base / "server.log", "ab") as log:  # the child keeps its own descriptor
+            self._process = subprocess.Popen(
+                [
+                    str(self.bindir / "postgres"),
+                    "-D",
+                    str(base / "data"),
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(base / "run"),
+                    "-c",
+                    "listen_addresses=127.0.0.1",
+                    # A throwaway server: no fsync, so a crash of the machine may
+                    # lose data. A crash of the server alone (restart(mode=
+                    # "immediate")) loses no commit: synchronous_commit stays on,
+                    # so each COMMIT has written its WAL to the operating system
+                    # before it returns (a write(2), without the fsync).
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=200",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                **self._spawn_args(),
+            )
+        self._wait_ready()
+
+    def restart(self, mode: str = "immediate", *, timeout: float = 60.0) -> None:
+        """Stop the server like ``pg_ctl restart -m MODE`` and start it again.
+
+        Same port, same data directory, same log file: URLs stay valid, and
+        every client connection is broken. ``immediate`` is a crash (SIGQUIT:
+        no shutdown checkpoint, crash recovery at start-up), ``fast`` rolls back
+        open transactions and disconnects clients, ``smart`` waits for clients
+        to disconnect (up to ``timeout`` seconds). Returns once the server
+        accepts connections again.
+        """
+        if mode not in SHUTDOWN_MODES:
+            raise ValueError(f"mode must be one of {', '.join(SHUTDOWN_MODES)}, got {mode!r}")
+        process = self._process
+        if process is None or process.poll() is not None:
+            raise RuntimeError("the local PostgreSQL server is not running")
+        subprocess.run(
             [
-                str(self.bindir / "postgres"),
+                str(self.bindir / "pg_ctl"),
+                "stop",
                 "-D",
-                str(data),
-                "-p",
-                str(self.port),
-                "-k",
-                str(sockets),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                # A throwaway server: durability off, speed on.
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-                "-c",
-                "max_connections=200",
+                str(self.data_dir),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                str(max(1, int(timeout))),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            check=True,
+            capture_output=True,
             **self._spawn_args(),
         )
-        atexit.register(self.stop)
-        self._wait_ready()
-        return self.url
+        process.wait(timeout=timeout)  # pg_ctl saw the pid file go; reap our child
+        self._launch()
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise RuntimeError(f"PostgreSQL exited at start-up; see {self._base}/server.log")
+                raise RuntimeError(f"PostgreSQL exited at start-up; see {self.log_path}")
             try:
                 psycopg.connect(self.url, connect_timeout=2).close()
                 return
