@@ -5,24 +5,57 @@ factory, and offers the few I/O primitives everything else is written with:
 one statement in autocommit, a transaction of our own, the caller's
 transaction, and a Session. ``Absurd``, ``TaskContext`` and the executor all
 talk to the database through it and through nothing else.
+
+A run's own writes (its checkpoints, sleeps, awaits, heartbeats and outcome)
+survive a lost connection: ``Database.retrying`` tries them again with
+backoff, deciding with the I/O-free ``retry_delay`` and ``landed_statement``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine, Row
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    Select,
+    Text,
+    bindparam,
+    cast,
+    false,
+    func,
+    literal,
+    literal_column,
+    null,
+    select,
+)
+from sqlalchemy.dialects.postgresql import TIMESTAMP, UUID
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ColumnElement, Executable
 
+from . import _sql_worker as sqlw
 from ._engine import Bind, engine_and_sessions
+from ._sql import NOW, json_param
 from .errors import InvalidArgument
+from .models import checkpoints, runs, waits
+
+log = logging.getLogger("absurd_sqla.worker")
 
 SessionLike = Session | Connection
+
+# A run's write that lost its connection is tried again until this many seconds
+# have passed since its first attempt (the wait before each retry is cut to fit).
+WRITE_RETRY_BUDGET = 30.0
+_FIRST_RETRY_DELAY = 0.25  # seconds, doubling with each retry ...
+_MAX_RETRY_DELAY = 8.0  # ... up to this; each wait is jittered down by up to half
 
 
 def is_disconnect(exc: BaseException) -> bool:
@@ -39,6 +72,138 @@ def is_disconnect(exc: BaseException) -> bool:
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
     # 08: connection exception; 57P: the server shut down or is starting.
     return exc.sqlstate.startswith(("08", "57P"))
+
+
+def retry_delay(exc: BaseException, retries: int, elapsed: float, jitter: float) -> float | None:
+    """How long to wait before trying a run's write again, or None to give up.
+
+    Only a lost connection is worth a retry (``is_disconnect``): any other
+    error (a deadlock, a cancelled statement, a constraint) would fail again or
+    means something a retry must not paper over. ``retries`` made so far,
+    ``elapsed`` seconds since the first attempt, ``jitter`` in [0, 1): the wait
+    doubles from ``_FIRST_RETRY_DELAY`` up to ``_MAX_RETRY_DELAY``, scaled by
+    0.5-1.0 so that workers cut off together do not reconnect in step, and
+    never runs past ``WRITE_RETRY_BUDGET``.
+    """
+    remaining = WRITE_RETRY_BUDGET - elapsed
+    if remaining <= 0 or not is_disconnect(exc):
+        return None
+    delay = min(_MAX_RETRY_DELAY, _FIRST_RETRY_DELAY * 2.0 ** min(retries, 16))
+    return min(delay * (0.5 + jitter / 2), remaining)
+
+
+# -- a write whose answer was lost -----------------------------------------------
+#
+# A write that broke with its connection may have committed first. Then its
+# retry is fenced (the run is no longer ``running`` under our lease) and reports
+# the run as lost, though the change that took it away was our own. Each
+# statement below recognises that change: a row shaped like the write's own,
+# ``owned`` = 1, when our earlier attempt is in the database; no row otherwise.
+# It takes the write's parameters.
+
+_run = sqlw.run_param
+_step = sqlw.step_param
+_event = bindparam("event", type_=Text)
+# jsonb #>> '{}': the text of a JSON string (a checkpointed wake time).
+_NO_PATH: ColumnElement[Any] = literal_column("'{}'::text[]")
+
+
+def _own_checkpoint(*columns: Any) -> Select[Any]:
+    """``columns`` of the run and its checkpoint ``step``, if our run wrote it."""
+    return (
+        select(*columns)
+        .select_from(runs.join(checkpoints, checkpoints.c.task_id == runs.c.task_id))
+        .where(
+            runs.c.run_id == _run,
+            checkpoints.c.checkpoint_name == _step,
+            checkpoints.c.owner_run_id == _run,
+        )
+    )
+
+
+_completed = select(
+    literal(1).label("owned"),
+    literal(1).label("tasks"),
+    runs.c.state.label("run_state"),
+).where(
+    runs.c.run_id == _run,
+    runs.c.state == "completed",
+    runs.c.result == json_param("result_json"),
+)
+
+_retry_run = runs.alias("retry_run")
+_failed = select(
+    literal(1).label("owned"),
+    select(func.count())
+    .where(_retry_run.c.run_id == bindparam("new_run", type_=UUID(as_uuid=True)))
+    .scalar_subquery()
+    .label("retried"),
+    runs.c.state.label("run_state"),
+).where(
+    runs.c.run_id == _run,
+    runs.c.state == "failed",
+    runs.c.failure_reason == json_param("reason_json"),
+)
+
+_checkpointed = _own_checkpoint(
+    literal(1).label("owned"),
+    literal(1).label("written"),
+    runs.c.state.label("run_state"),
+    NOW.label("now"),
+).where(checkpoints.c.state == json_param("value_json"))
+
+_asleep = _own_checkpoint(
+    literal(1).label("owned"),
+    runs.c.state.label("run_state"),
+    runs.c.available_at.label("wake_at"),
+    literal(1).label("suspended"),
+    literal(1).label("checkpointed"),
+).where(
+    runs.c.state == "sleeping",
+    # Until the wake time checkpointed (as a JSON string).
+    runs.c.available_at == cast(checkpoints.c.state.op("#>>")(_NO_PATH), TIMESTAMP(timezone=True)),
+)
+
+_waiting = (
+    select(
+        literal(1).label("owned"),
+        runs.c.state.label("run_state"),
+        false().label("emitted"),
+        false().label("timed_out"),
+        null().label("payload"),
+        literal(1).label("suspended"),
+        literal(0).label("checkpointed"),
+        literal(1).label("waiting"),
+        literal(0).label("wait_cleared"),
+    )
+    .select_from(runs.join(waits, waits.c.run_id == runs.c.run_id))
+    .where(
+        runs.c.run_id == _run,
+        runs.c.state == "sleeping",
+        runs.c.wake_event == _event,
+        waits.c.step_name == _step,
+        waits.c.event_name == _event,
+        waits.c.queue_name == bindparam("event_queue", type_=Text),
+    )
+)
+
+# write -> the statement recognising it landed. A write not listed here (a
+# heartbeat: it only extends the lease) is retried without one.
+_LANDED: tuple[tuple[Executable, Executable], ...] = (
+    (sqlw.complete_run, _completed),
+    (sqlw.fail_run, _failed),
+    (sqlw.write_checkpoint, _checkpointed),
+    (sqlw.sleep, _asleep),
+    (sqlw.await_event, _waiting),
+)
+
+
+def landed_statement(write: Executable) -> Executable | None:
+    """The statement recognising that ``write`` committed, if it has one."""
+    for listed, landed in _LANDED:
+        if listed is write:
+            return landed
+    return None
 
 
 def refuse_autocommit(engine: Engine, session_factory: sessionmaker[Session]) -> None:
@@ -78,10 +243,76 @@ class Database:
         # one round trip instead of three. Shares the engine's pool.
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
-    def one(self, statement: Executable, params: Mapping[str, Any]) -> Row[Any]:
-        """Run one self-contained statement in autocommit; return its single row."""
+    def one(
+        self, statement: Executable, params: Mapping[str, Any], *, retry: bool = False
+    ) -> Row[Any]:
+        """Run one self-contained statement in autocommit; return its single row.
+
+        ``retry=True`` for a run's fenced write: see :meth:`retrying`."""
+        if retry:
+            return self.retrying(statement, params)
         with self._autocommit.connect() as conn:
             return conn.execute(statement, params).one()
+
+    def retrying(
+        self,
+        statement: Executable,
+        params: Mapping[str, Any],
+        attempt: Callable[[], Row[Any]] | None = None,
+    ) -> Row[Any]:
+        """A run's write of ``statement``, tried again on a lost connection.
+
+        ``attempt`` makes the write on a connection of its own (default: the
+        statement alone, in autocommit) and returns its row. A lost connection
+        (a restart, a failover) makes it wait (``retry_delay``) and try again,
+        for up to ``WRITE_RETRY_BUDGET`` seconds; any other error is raised at
+        once. Safe because the write is fenced: it names its run and changes
+        nothing once the run is not ours. If an attempt broke after it had
+        committed, the retry finds the run already changed and says "not
+        owned": the landed statement then tells our own change from a lost
+        lease, and its row is returned instead.
+
+        Only for writes whose effect is the statement's alone: never for
+        ``transaction_step`` (it would run the user's function again) or a claim.
+        """
+        if attempt is None:
+
+            def attempt() -> Row[Any]:
+                with self._autocommit.connect() as conn:
+                    return conn.execute(statement, params).one()
+
+        started = time.monotonic()
+        retries = 0
+        while True:
+            try:
+                row = attempt()
+                if retries and not row.owned:
+                    landed = self._landed(statement, params)
+                    if landed is not None:
+                        log.info("a retried write found its earlier attempt committed")
+                        return landed
+                return row
+            except Exception as exc:
+                delay = retry_delay(exc, retries, time.monotonic() - started, random.random())
+                if delay is None:
+                    raise
+                retries += 1
+                log.warning(
+                    "lost the database connection writing for run %s (%s); "
+                    "retrying in %.2fs (retry %d)",
+                    params.get("run"),
+                    exc.__class__.__name__,
+                    delay,
+                    retries,
+                )
+                time.sleep(delay)
+
+    def _landed(self, write: Executable, params: Mapping[str, Any]) -> Row[Any] | None:
+        landed = landed_statement(write)
+        if landed is None:
+            return None
+        with self._autocommit.connect() as conn:
+            return conn.execute(landed, params).one_or_none()
 
     def one_or_none(self, statement: Executable, params: Mapping[str, Any]) -> Row[Any] | None:
         with self._autocommit.connect() as conn:

@@ -148,12 +148,17 @@ class Executor:
         finished: Callable[[Row[Any]], bool],
     ) -> Row[Any]:
         """Write a run's outcome; a child that ``finished`` also wakes its parent, in
-        the same transaction (otherwise the single statement runs in autocommit)."""
-        with self.db.joined(None, atomic=_children.is_child(run.headers)) as conn:
-            row = conn.execute(statement, params).one()
-            if finished(row):
-                _ops.announce_done(conn, run.task_id, run.queue_name, run.headers)
-        return row
+        the same transaction (otherwise the single statement runs in autocommit).
+        Retried on a lost connection (``Database.retrying``)."""
+
+        def attempt() -> Row[Any]:
+            with self.db.joined(None, atomic=_children.is_child(run.headers)) as conn:
+                row = conn.execute(statement, params).one()
+                if finished(row):
+                    _ops.announce_done(conn, run.task_id, run.queue_name, run.headers)
+            return row
+
+        return self.db.retrying(statement, params, attempt)
 
     def _fail(self, state: RunState, exc: BaseException) -> None:
         run = state.run

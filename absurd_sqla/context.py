@@ -95,7 +95,7 @@ class TaskContext:
         if handle.done:
             return handle.state  # type: ignore[no-any-return]
         params = self._state.checkpoint_params(handle, value)
-        row = self._db.one(sqlw.write_checkpoint, params)
+        row = self._db.one(sqlw.write_checkpoint, params, retry=True)
         self._enforce_max_duration(row.now)
         return self._state.after_checkpoint(handle, value, row)  # type: ignore[no-any-return]
 
@@ -134,7 +134,7 @@ class TaskContext:
         wake_at, seconds = wake_time(when)
         handle = self._state.begin(step_name)
         params = self._state.sleep_params(handle, wake_at=wake_at, seconds=seconds)
-        row = self._db.one(sqlw.sleep, params)
+        row = self._db.one(sqlw.sleep, params, retry=True)
         self._state.after_sleep(handle, row)
 
     # -- events --------------------------------------------------------------
@@ -160,7 +160,7 @@ class TaskContext:
 
     def _await(self, handle: StepHandle, event_name: str, queue: str, timeout: float | None) -> Any:
         params = self._state.await_params(handle, event_name, queue, timeout)
-        row = self._db.one(sqlw.await_event, params)
+        row = self._db.one(sqlw.await_event, params, retry=True)
         return self._state.after_await(handle, event_name, row)
 
     def emit_event(self, event_name: str, payload: Any = None) -> bool:
@@ -178,7 +178,7 @@ class TaskContext:
     def heartbeat(self, seconds: float | None = None) -> None:
         """Extend the lease by ``seconds`` (default: the worker's claim timeout)."""
         params = self._state.heartbeat_params(seconds)
-        row = self._db.one(sqlw.heartbeat, params)
+        row = self._db.one(sqlw.heartbeat, params, retry=True)
         self._state.check_owned(row)
         self._enforce_max_duration(row.now)
 
