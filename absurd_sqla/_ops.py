@@ -15,7 +15,8 @@ from sqlalchemy import Connection
 from . import _children, _sql
 from ._app import AppCore, SpawnBatch
 from ._core import SpawnResult, TaskResultSnapshot
-from .errors import QueueNotFound
+from .errors import QueueNotFound, TaskStateError
+from .models import TERMINAL_STATES
 
 
 def spawn_many(conn: Connection, core: AppCore, batches: Sequence[SpawnBatch]) -> list[SpawnResult]:
@@ -50,14 +51,31 @@ def emit(conn: Connection, params: Mapping[str, Any]) -> bool:
     return True
 
 
+CANCEL_ATTEMPTS = 50  # each retry follows a run another transaction created meanwhile
+
+
 def cancel(conn: Connection, params: Mapping[str, Any]) -> bool:
-    """Cancel a live task and its runs (``AppCore.task_params``). False if it had finished."""
-    row = conn.execute(_sql.cancel_task, params).one()
-    AppCore.check_found(params, row.previous_state, row.task_queue)
-    if row.cancelled:
-        conn.execute(_sql.cancel_late_runs, params)
-        announce_done(conn, params["task"], row.task_queue, row.headers)
-    return bool(row.cancelled)
+    """Cancel a live task and its runs (``AppCore.task_params``). False if it had finished.
+
+    Each attempt runs in a savepoint: an attempt whose snapshot missed the
+    task's newest run (a retry created while it waited) cancels nothing but
+    may hold the task row; rolling back to the savepoint releases it before
+    the next attempt locks that run, so the lock order run -> task holds.
+    """
+    for _ in range(CANCEL_ATTEMPTS):
+        with conn.begin_nested() as savepoint:
+            row = conn.execute(_sql.cancel_task, params).one()
+            AppCore.check_found(params, row.previous_state, row.task_queue)
+            if row.cancelled:
+                announce_done(conn, params["task"], row.task_queue, row.headers)
+                return True
+            if row.previous_state in TERMINAL_STATES:
+                return False
+            savepoint.rollback()
+    raise TaskStateError(
+        f"task {params['task']} kept changing while it was being cancelled; try again",
+        task_id=params["task"],
+    )
 
 
 def fetch_result(conn: Connection, params: Mapping[str, Any]) -> TaskResultSnapshot | None:

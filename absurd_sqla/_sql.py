@@ -383,8 +383,13 @@ _cancelled_task = (
         tasks.c.task_id == t_param,
         task_queue_matches(tasks.c.queue_name),
         tasks.c.state.not_in(TERMINAL_STATES),
-        # Lock order run -> task everywhere: referencing the runs CTE makes it run first.
-        count_of(_cancelled_runs) >= 0,
+        # Lock order run -> task: the task is cancelled only together with its
+        # current run, which the runs CTE (run first) has locked. A retry run
+        # that a failure created after this statement's snapshot is the task's
+        # last_run_id but not ours: then nothing is cancelled, and the caller
+        # rolls back to a savepoint (releasing the task row) and runs the
+        # statement again with a snapshot that sees the new run.
+        tasks.c.last_run_id.in_(select(_cancelled_runs.c.run_id)),
     )
     .values(state="cancelled", finished_at=NOW)
     .returning(tasks.c.task_id)
@@ -397,21 +402,6 @@ cancel_task = select(
     count_of(_cancelled_task).label("cancelled"),
     count_of(_cancelled_waits).label("waits_removed"),
     _task_column(tasks.c.headers, "headers"),
-)
-
-# Second statement of a cancel that cancelled the task: the task row is ours
-# now, and a fresh snapshot sees a run that a concurrent failure inserted
-# (its retry) while the first statement waited for a lock.
-_late_runs = (
-    update(runs)
-    .where(runs.c.task_id == t_param, runs.c.state.in_(LIVE_STATES))
-    .values(state="cancelled", finished_at=NOW, claimed_by=None, claim_expires_at=None)
-    .returning(runs.c.run_id)
-    .cte("late_runs")
-)
-cancel_late_runs = select(
-    count_of(_late_runs).label("runs"),
-    count_of(delete_waits_of(_late_runs, "late_waits")).label("waits"),
 )
 
 # -- results -----------------------------------------------------------------

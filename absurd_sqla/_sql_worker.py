@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import CTE
 
 from ._sql import (
     NOW,
@@ -69,9 +70,22 @@ _extended_lease = case(
 )
 
 
-def _run_state() -> ColumnElement[str]:
-    """The run's state as the statement found it (for telling why a write was fenced)."""
-    return select(runs.c.state).where(runs.c.run_id == run_param).scalar_subquery()
+def _run_state(write: CTE) -> ColumnElement[str]:
+    """The run's state, for telling why a fenced ``write`` changed nothing.
+
+    A write that waited for the run's row lock (a cancel holding it) rechecks
+    the new row version, but the statement's snapshot still holds the old one.
+    So when ``write`` changed nothing, the state is read ``FOR SHARE``, which
+    conflicts with any update and returns the newest committed version:
+    "cancelled", not the snapshot's "running". (``FOR KEY SHARE`` would not:
+    it coexists with a non-key update and reads the old version.) A write that
+    succeeded needs no lock.
+    """
+    found = select(runs.c.state).where(runs.c.run_id == run_param)
+    return case(
+        (count_of(write) > 0, found.scalar_subquery()),
+        else_=found.with_for_update(read=True).scalar_subquery(),
+    )
 
 
 # -- claim -------------------------------------------------------------------
@@ -203,13 +217,13 @@ _cp_written = (
 write_checkpoint = select(
     count_of(_renewed).label("owned"),
     count_of(_cp_written).label("written"),
-    _run_state().label("run_state"),
+    _run_state(_renewed).label("run_state"),
     NOW.label("now"),
 )
 
 heartbeat = select(
     count_of(_renewed).label("owned"),
-    _run_state().label("run_state"),
+    _run_state(_renewed).label("run_state"),
     select(_renewed.c.claim_expires_at).scalar_subquery().label("claim_expires_at"),
     NOW.label("now"),
 )
@@ -261,7 +275,7 @@ _sleep_run = (
 _sleep_task = task_follows(_sleep_run, "sleep_task", "sleeping", _sleep_run.c.state == "sleeping")
 sleep = select(
     count_of(_owner_locked).label("owned"),
-    _run_state().label("run_state"),
+    _run_state(_owner_locked).label("run_state"),
     select(_wake.c.wake_at).scalar_subquery().label("wake_at"),
     count_of(_sleep_task).label("suspended"),
     count_of(_sleep_cp).label("checkpointed"),
@@ -376,7 +390,7 @@ _await_run = (
 _await_task = task_follows(_await_run, "await_task", "sleeping", _await_run.c.state == "sleeping")
 await_event = select(
     count_of(_owner_locked).label("owned"),
-    _run_state().label("run_state"),
+    _run_state(_owner_locked).label("run_state"),
     select(_outcome.c.emitted).scalar_subquery().label("emitted"),
     select(_outcome.c.timed_out).scalar_subquery().label("timed_out"),
     select(_outcome.c.payload).scalar_subquery().label("payload"),
@@ -427,7 +441,8 @@ _completed = (
 )
 _completed_task = (
     update(tasks)
-    .where(tasks.c.task_id == _completed.c.task_id)
+    # Never overwrite a task that finished meanwhile (cancelled, say).
+    .where(tasks.c.task_id == _completed.c.task_id, ~state_in(tasks.c.state, *TERMINAL_STATES))
     .values(state="completed", result=json_param("result_json"), finished_at=NOW)
     .returning(tasks.c.task_id)
     .cte("completed_task")
@@ -435,7 +450,7 @@ _completed_task = (
 complete_run = select(
     count_of(_completed).label("owned"),
     count_of(_completed_task).label("tasks"),
-    _run_state().label("run_state"),
+    _run_state(_completed).label("run_state"),
 )
 
 _retry = bindparam("retry", type_=Boolean)
@@ -493,6 +508,6 @@ fail_run = select(
     count_of(_retry_run).label("retried"),
     count_of(_failed_task).label("tasks"),
     count_of(_failed_waits).label("waits_removed"),
-    _run_state().label("run_state"),
+    _run_state(_failed).label("run_state"),
     notify().label("notified"),
 )

@@ -10,18 +10,26 @@ side's transaction is held open, the other side is started in a thread, and
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
-from absurd_sqla import Absurd
+from absurd_sqla import Absurd, CancelledTask
 from absurd_sqla import _sql_worker as sqlw
-from absurd_sqla._run import RunState, failure_reason
+from absurd_sqla._run import ClaimedRun, RunState, failure_reason
 from absurd_sqla.context import TaskContext
 from absurd_sqla.models import tasks
 from absurd_sqla.testing import run_until_idle
-from tests.internals import claim
-from tests.support import Outcome, run_states, task_state, wait_for_lock_waiters, wait_rows
+from tests.internals import claim, execute
+from tests.support import (
+    Outcome,
+    run_states,
+    task_state,
+    wait_for_lock_waiters,
+    wait_rows,
+    wait_until,
+)
 
 
 def claim_one(app: Absurd, worker: str = "w", claim_timeout: float = 120) -> Any:
@@ -123,3 +131,124 @@ def test_cancel_of_a_parent_racing_its_child_finishing_does_not_deadlock(app: Ab
         cancel_child.join()
     errors = [repr(o.error) for o in (cancel_parent, cancel_child) if o.error is not None]
     assert errors == []  # observed: DeadlockDetected
+
+
+# -- cancel racing the completion of a retried run (reliability defect 1) ---------------
+
+
+def blocked_by(engine: Any, pid: int) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.scalar(text("SELECT pg_blocking_pids(:pid)"), {"pid": pid}) or [])
+
+
+def backend_pid(conn: Any) -> int:
+    return int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar())
+
+
+def test_cancel_racing_the_completion_of_a_retried_run_never_deadlocks(app: Absurd) -> None:
+    """The interleaving fault injection found, forced step by step.
+
+    A failure creates attempt 2 (and a worker claims it) after the cancel took
+    its snapshot; the cancel then reaches the task while that worker holds
+    attempt 2 and waits for the task. A cancel that then locked attempt 2
+    (run after task) deadlocked with the completion (run then task).
+    """
+    engine = app.engine
+    spawned = app.spawn("flaky", {}, max_attempts=3)
+    run1 = claim_one(app, "w1")
+    with (
+        engine.connect() as failer,
+        engine.connect() as canceller,
+        engine.connect() as sharer,
+        engine.connect() as completer,
+    ):
+        pids = {
+            name: backend_pid(c)
+            for name, c in [("F", failer), ("C", canceller), ("H", sharer), ("W", completer)]
+        }
+        for conn in (canceller, sharer, completer):
+            conn.commit()  # end the transaction the pid query opened
+        # F fails attempt 1 (creating attempt 2) and claims attempt 2 as worker w2.
+        failed = failer.execute(
+            sqlw.fail_run, RunState(run1, "w1", 120).fail_params(failure_reason(RuntimeError()))
+        ).one()
+        assert failed.retried == 1
+        (row,) = failer.execute(
+            sqlw.claim, {"queue": "default", "worker": "w2", "claim_timeout": 120, "batch_size": 1}
+        ).all()
+        run2 = ClaimedRun.from_row(row)
+        assert run2.attempt == 2
+        # C's snapshot predates attempt 2; it waits for attempt 1's row (held by F).
+        cancel = Outcome(lambda: app.cancel_task(spawned.task_id, session=canceller))
+        wait_until(lambda: pids["F"] in blocked_by(engine, pids["C"]), "cancel waits for F")
+        # H share-locks the task (behind F), so that C will queue behind H.
+        share = Outcome(
+            lambda: sharer.execute(
+                select(tasks.c.task_id)
+                .where(tasks.c.task_id == spawned.task_id)
+                .with_for_update(read=True)
+            ).all()
+        )
+        wait_until(lambda: pids["F"] in blocked_by(engine, pids["H"]), "H waits for F")
+        failer.commit()
+        assert share.join().error is None
+        wait_until(lambda: pids["H"] in blocked_by(engine, pids["C"]), "cancel waits on the task")
+        # W2 completes attempt 2 (locking the run, then the task) while C holds or
+        # waits for the task: the old cancel then locked attempt 2 after the task.
+        complete = Outcome(
+            lambda: completer.execute(
+                sqlw.complete_run, RunState(run2, "w2", 120).complete_params("done")
+            ).one()
+        )
+        wait_until(lambda: blocked_by(engine, pids["W"]), "the completion waits")
+        sharer.commit()
+        # Whichever statement returns first commits first; the other follows.
+        sides = [(cancel, canceller), (complete, completer)]
+        wait_until(lambda: any(not side.thread.is_alive() for side, _ in sides), "one side returns")
+        sides.sort(key=lambda pair: pair[0].thread.is_alive())
+        for side, conn in sides:
+            assert side.join().error is None, side.error  # no DeadlockDetected
+            conn.commit()
+    final = task_state(engine, spawned.task_id)
+    states = run_states(engine, spawned.task_id)
+    assert states[0] == "failed" and states[1] == final  # task and last run agree
+    if cancel.value:
+        assert (final, complete.value.owned) == ("cancelled", 0)
+    else:
+        assert (final, complete.value.owned) == ("completed", 1)
+
+
+# -- a cancel a checkpoint waited for (reliability defect 2) ----------------------------
+
+
+def test_a_checkpoint_that_waited_for_a_cancel_reports_the_cancel(app: Absurd) -> None:
+    """The checkpoint's snapshot says "running"; what happened is "cancelled"."""
+    gate = threading.Event()
+    signals: list[BaseException] = []
+
+    @app.register_task("stepper")
+    def stepper(params: Any, ctx: TaskContext) -> str:
+        gate.wait(10)
+        try:
+            ctx.step("after-cancel", lambda: 1)
+        except BaseException as exc:
+            signals.append(exc)
+            raise
+        return "not reached"
+
+    spawned = app.spawn("stepper", {})
+    run = claim_one(app)
+    worker = Outcome(lambda: execute(app, run, "w", 120))
+    with app.engine.connect() as canceller:
+        assert app.cancel_task(spawned.task_id, session=canceller) is True  # holds the run
+        gate.set()
+        wait_for_lock_waiters(app.engine, 1)  # the checkpoint waits for the run's row
+        canceller.commit()
+    assert worker.join().error is None
+    (signal,) = signals
+    assert isinstance(signal, CancelledTask), signal
+    assert (signal.task_id, signal.run_id, signal.state) == (
+        spawned.task_id,
+        run.run_id,
+        "cancelled",
+    )

@@ -127,10 +127,12 @@ def test_fenced_statements_check_state_and_lease_and_report_the_run_state(name: 
     )
     assert fence in statement
     assert ") AS owned" in statement
-    # The state as found, so the caller can tell "cancelled" from "lease lost".
+    # The state as found, so the caller can tell "cancelled" from "lease lost";
+    # when nothing was written, read FOR SHARE: the newest committed
+    # version, not the snapshot's (a cancel the write waited for).
     assert (
-        "(SELECT absurd.runs.state \nFROM absurd.runs \nWHERE absurd.runs.run_id = %(run)s::UUID)"
-        " AS run_state"
+        "ELSE (SELECT absurd.runs.state \nFROM absurd.runs \nWHERE absurd.runs.run_id = "
+        "%(run)s::UUID FOR SHARE) END AS run_state"
     ) in statement
 
 
@@ -141,7 +143,8 @@ def test_fail_run_checks_the_lease_unless_the_sweep_fails_it() -> None:
         "(NOT %(require_lease)s OR absurd.runs.claim_expires_at IS NULL "
         "OR absurd.runs.claim_expires_at > absurd.now())"
     ) in failed
-    assert ") AS run_state" in sql("fail_run") and ") AS owned" in sql("fail_run")
+    assert "FOR SHARE) END AS run_state" in sql("fail_run")
+    assert ") AS owned" in sql("fail_run")
 
 
 @pytest.mark.parametrize("name", ["write_checkpoint", "heartbeat"])
