@@ -47,6 +47,7 @@ class WorkerSettings:
     batch_size: int
     concurrency: int = 1
     poll_interval: float = 0.25
+    shutdown_timeout: float | None = None
 
     @property
     def connections_needed(self) -> int:
@@ -64,6 +65,7 @@ class WorkerSettings:
         batch_size: object,
         concurrency: object = 1,
         poll_interval: object = 0.25,
+        shutdown_timeout: object = None,
     ) -> WorkerSettings:
         return cls(
             queue=queue,
@@ -72,6 +74,7 @@ class WorkerSettings:
             batch_size=_core.check_positive_int("batch_size", batch_size),
             concurrency=_core.check_positive_int("concurrency", concurrency),
             poll_interval=_core.check_poll_interval(poll_interval),
+            shutdown_timeout=_core.check_seconds("shutdown_timeout", shutdown_timeout),
         )
 
 

@@ -17,7 +17,14 @@ from . import _sql_worker as sqlw
 from ._app import AppCore, WorkerSettings
 from ._current import running
 from ._db import Database
-from ._run import CLAIM_TIMEOUT_REASON, ClaimedRun, RunState, fail_params, failure_reason
+from ._run import (
+    CLAIM_TIMEOUT_REASON,
+    SHUTDOWN_REASON,
+    ClaimedRun,
+    RunState,
+    fail_params,
+    failure_reason,
+)
 from .context import TaskContext
 from .errors import NotSerializable, TaskSignal
 
@@ -86,8 +93,18 @@ class Executor:
             self.execute(run, settings.worker_id, settings.claim_timeout)
         return len(claimed)
 
-    def execute(self, run: ClaimedRun, worker_id: str, claim_timeout: float) -> None:
-        """Run one claimed run to completion, failure or suspension."""
+    def execute(
+        self,
+        run: ClaimedRun,
+        worker_id: str,
+        claim_timeout: float,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        """Run one claimed run to completion, failure or suspension.
+
+        ``on_start`` is called just before the handler is (what a stopping
+        worker needs to know: a run whose handler never started costs no attempt).
+        """
         state = RunState(run, worker_id, claim_timeout)
         registration = self.core.registry.get(run.task_name)
         violation = None if registration is None else run.policy_violation()
@@ -105,6 +122,8 @@ class Executor:
         def call() -> Any:
             return registration.handler(run.params, ctx)
 
+        if on_start is not None:
+            on_start()
         try:
             with running(ctx):
                 result = wrap(ctx, call) if wrap is not None else call()
@@ -126,6 +145,30 @@ class Executor:
                 "(cancelled, failed, or its lease expired)",
                 run.run_id,
                 row.run_state,
+            )
+
+    def release(self, run: ClaimedRun, worker_id: str, claim_timeout: float, started: bool) -> None:
+        """Give back a run a stopping worker will not finish, claimable at once.
+
+        A run whose handler never started is handed back as if never claimed
+        (no attempt used); one whose handler started fails as
+        ``$WorkerShutdown`` and is retried at once while attempts remain. The
+        abandoned handler's later writes are fenced.
+        """
+        if not started:
+            self.db.one(sqlw.defer_run, run.defer_params(delay=0.0))
+            return
+        state = RunState(run, worker_id, claim_timeout)
+        params = state.fail_params(SHUTDOWN_REASON, delay=0.0)
+        row = self._record_outcome(
+            run, sqlw.fail_run, params, lambda row: bool(row.owned and not row.retried)
+        )
+        if row.owned:
+            log.warning(
+                "released run %s of task %s (attempt %d) unfinished: the worker stopped",
+                run.run_id,
+                run.task_id,
+                run.attempt,
             )
 
     def _turn_away(self, run: ClaimedRun, violation: str | None) -> None:

@@ -63,11 +63,12 @@ class ClaimedRun:
             checkpoints=dict(row.checkpoints or {}),
         )
 
-    def defer_params(self) -> dict[str, Any]:
-        """Hand the run back as if never claimed (for a worker that knows the task)."""
+    def defer_params(self, delay: float = UNKNOWN_TASK_DELAY) -> dict[str, Any]:
+        """Hand the run back as if never claimed, due in ``delay`` seconds (for a
+        worker that knows the task, or at once when a stopping worker releases it)."""
         return {
             "run": self.run_id,
-            "delay": UNKNOWN_TASK_DELAY,
+            "delay": delay,
             "prev_started_at": self.prev_started_at,
             "prev_first_started_at": self.prev_first_started_at,
         }
@@ -105,6 +106,12 @@ def failure_reason(exc: BaseException) -> dict[str, Any]:
         "traceback": "".join(traceback.format_exception(exc)),
     }
 
+
+SHUTDOWN_REASON = {
+    "name": "$WorkerShutdown",
+    "message": "the worker was stopped before this run finished",
+    "traceback": None,
+}
 
 CLAIM_TIMEOUT_REASON = {
     "name": "$ClaimTimeout",
@@ -207,7 +214,7 @@ class RunState:
         }
 
     def fail_params(
-        self, reason: Mapping[str, Any], *, require_lease: bool = True
+        self, reason: Mapping[str, Any], *, require_lease: bool = True, delay: float | None = None
     ) -> dict[str, Any]:
         return fail_params(
             self.run.run_id,
@@ -217,6 +224,7 @@ class RunState:
             self.run.retry_strategy,
             reason,
             require_lease=require_lease,
+            delay=delay,
         )
 
     # -- results -------------------------------------------------------------
@@ -273,14 +281,18 @@ def fail_params(
     reason: Mapping[str, Any],
     *,
     require_lease: bool,
+    delay: float | None = None,
 ) -> dict[str, Any]:
-    """Parameters of ``fail_run``: the retry decision and delay are made here."""
+    """Parameters of ``fail_run``: the retry decision and delay are made here
+    (``delay`` overrides the retry strategy's)."""
     retry = _core.should_retry(max_attempts, attempt)
+    if delay is None:
+        delay = _core.retry_delay(retry_strategy, attempt) if retry else 0.0
     return {
         "run": run_id,
         "reason_json": _core.encode_json("failure reason", dict(reason)),
         "retry": retry,
-        "delay": _core.retry_delay(retry_strategy, attempt) if retry else 0.0,
+        "delay": delay,
         "new_run": _core.uuid7(),
         "require_lease": require_lease,
         "channel": channel_for(queue),

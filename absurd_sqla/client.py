@@ -316,8 +316,14 @@ class Absurd:
         poll_interval: float = 0.25,
         *,
         queue: str | None = None,
+        shutdown_timeout: float | None = None,
     ) -> None:
         """Run until :meth:`stop_worker`, SIGTERM or SIGINT; in-flight tasks finish.
+
+        Shutdown has two stages: the first stop claims nothing more and waits
+        for in-flight handlers; a second stop, or ``shutdown_timeout`` seconds
+        after the first, stops now and releases the unfinished runs (claimable
+        again at once; a run whose handler never started costs no attempt).
 
         May run in a background thread (signal handlers are installed only
         from the main thread). ``concurrency`` handlers run at once, in threads.
@@ -332,14 +338,16 @@ class Absurd:
             batch_size if batch_size is not None else concurrency,
             concurrency,
             poll_interval,
+            shutdown_timeout,
         )
         self._workers.run(Worker(self._executor, settings))
 
     def stop_worker(self) -> None:
         """Ask every worker of this client to stop (from any thread, without await).
 
-        Each claims nothing more and returns once its in-flight handlers finish.
-        With no worker running, the next :meth:`start_worker` returns at once.
+        Each claims nothing more and returns once its in-flight handlers finish;
+        a second call stops them now (see :meth:`start_worker`). With no worker
+        running, the next :meth:`start_worker` returns at once.
         """
         self._workers.stop()
 

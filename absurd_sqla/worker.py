@@ -11,13 +11,14 @@ signals and the set of running workers.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -25,7 +26,9 @@ from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
 from ._app import WorkerSettings
+from ._db import is_disconnect
 from ._execute import Executor
+from ._outage import Outage
 from ._run import ClaimedRun
 from ._sql import channel_for
 
@@ -56,6 +59,7 @@ class Listener:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="absurd-listen", daemon=True)
         self.connected = threading.Event()
+        self._failing = False
 
     def start(self) -> None:
         self._thread.start()
@@ -69,15 +73,17 @@ class Listener:
         while not self._stop.is_set():
             try:
                 self._listen()
-            except Exception:
+            except Exception as exc:
                 if self.connected.is_set():  # it had worked: start the backoff afresh
                     backoff = LISTEN_RETRY_MIN
-                log.warning(
-                    "LISTEN on %s failed; polling until it reconnects in %.1fs",
-                    self._channel,
-                    backoff,
-                    exc_info=True,
-                )
+                if not self._failing:  # one warning per outage, not one per attempt
+                    log.warning(
+                        "LISTEN on %s failed (%s); polling until it reconnects",
+                        self._channel,
+                        _summary(exc),
+                        exc_info=not is_disconnect(exc),
+                    )
+                self._failing = True
                 self.connected.clear()
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, LISTEN_RETRY_MAX)
@@ -93,6 +99,9 @@ class Listener:
             conn.autocommit = True
             conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel)))
             self.connected.set()
+            if self._failing:
+                log.warning("LISTEN on %s is back", self._channel)
+                self._failing = False
             self._wake.set()  # anything committed while we were not listening
             while not self._stop.is_set():
                 for _ in conn.notifies(timeout=0.5, stop_after=1):
@@ -101,8 +110,24 @@ class Listener:
             raw.close()
 
 
+@dataclass(slots=True)
+class _Slot:
+    """One claimed run and the daemon thread executing it."""
+
+    run: ClaimedRun
+    thread: threading.Thread | None = None
+    started: bool = False  # the handler was called (releasing it then costs an attempt)
+
+
 class Worker:
-    """A long-running worker for one queue. Use ``Absurd.start_worker``."""
+    """A long-running worker for one queue. Use ``Absurd.start_worker``.
+
+    Shutdown has two stages. The first stop (``stop()``, SIGTERM or SIGINT)
+    claims nothing more and lets in-flight handlers finish. A second stop, or
+    ``shutdown_timeout`` elapsing after the first, stops now: runs not finished
+    are released (claimable again at once) and their threads are abandoned;
+    fencing makes any later write of theirs harmless.
+    """
 
     def __init__(self, executor: Executor, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -114,45 +139,73 @@ class Worker:
         self.concurrency = settings.concurrency
         self.batch_size = settings.batch_size
         self.poll_interval = settings.poll_interval
-        self._stopping = threading.Event()
-        self._signalled: int | None = None  # set by a signal handler: no locks there
+        self._stops = 0  # stop() calls, under _lock
+        self._signals: list[int] = []  # appended by signal handlers: no locks there
+        self._stop_deadline: float | None = None
         self._wake = threading.Event()
-        self._inflight: set[Future[None]] = set()
+        self._slots: dict[object, _Slot] = {}
         self._lock = threading.Lock()
+        self._outage = Outage(first_delay=self.poll_interval)
+
+    # -- stopping ----------------------------------------------------------------
 
     def stop(self) -> None:
-        """Claim nothing more; in-flight handlers finish. Safe from any thread."""
-        self._stopping.set()
+        """First call: claim nothing more, let in-flight handlers finish. Second
+        call: stop now. Safe from any thread."""
+        with self._lock:
+            self._stops += 1
         self._wake.set()
 
     @property
     def stopping(self) -> bool:
-        return self._stopping.is_set() or self._signalled is not None
+        return self._stops + len(self._signals) >= 1
+
+    @property
+    def stopping_now(self) -> bool:
+        if self._stops + len(self._signals) >= 2:
+            return True
+        return self._stop_deadline is not None and time.monotonic() >= self._stop_deadline
 
     def _on_signal(self, signum: int) -> None:
         # Runs in the main thread between bytecodes, maybe while this thread holds
-        # an Event's lock: only a plain assignment is safe here.
-        self._signalled = signum
+        # a lock: only an atomic list append is safe here.
+        self._signals.append(signum)
 
-    def _idle(self) -> None:
-        """Wait for a wake-up (NOTIFY, a free slot, stop) or the poll interval.
+    # -- the loop ----------------------------------------------------------------
 
-        In slices, so a signal noticed via ``_signalled`` stops us promptly.
+    def _idle(self, timeout: float) -> None:
+        """Wait for a wake-up (NOTIFY, a free slot, stop) or ``timeout`` seconds.
+
+        In slices, so a signal (which sets no event) is noticed promptly.
         """
-        deadline = time.monotonic() + self.poll_interval
-        while not self.stopping:
+        deadline = time.monotonic() + timeout
+        seen = len(self._signals)
+        while len(self._signals) == seen:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._wake.wait(min(remaining, SIGNAL_CHECK_INTERVAL)):
                 break
         self._wake.clear()
 
-    def _done(self, future: Future[None]) -> None:
+    def _start(self, run: ClaimedRun) -> None:
+        slot = _Slot(run)
+
+        def mark_started() -> None:
+            slot.started = True
+
+        def target() -> None:
+            try:
+                self.executor.execute(run, self.worker_id, self.claim_timeout, mark_started)
+            except BaseException:
+                log.exception("worker slot crashed running run %s", run.run_id)
+            finally:
+                with self._lock:
+                    self._slots.pop(run.run_id, None)
+                self._wake.set()
+
+        slot.thread = threading.Thread(target=target, name=f"absurd-task-{run.run_id}", daemon=True)
         with self._lock:
-            self._inflight.discard(future)
-        exc = future.exception()
-        if exc is not None:
-            log.error("worker slot crashed", exc_info=exc)
-        self._wake.set()
+            self._slots[run.run_id] = slot
+        slot.thread.start()
 
     def _check_pool(self, shared_need: int) -> None:
         """Warn when the engine's pool is smaller than what this worker and the
@@ -183,52 +236,113 @@ class Worker:
         listener = Listener(self.engine, channel_for(self.queue), self._wake)
         listener.start()
         restore = _install_signal_handlers(self._on_signal)
-        last_sweep = 0.0
         try:
-            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="absurd-task") as pool:
-                while not self.stopping:
-                    with self._lock:
-                        free = self.concurrency - len(self._inflight)
-                    claimed: list[ClaimedRun] = []
-                    if free > 0:
-                        now = time.monotonic()
-                        if now - last_sweep >= SWEEP_INTERVAL:
-                            last_sweep = now
-                            self._guard(self.executor.sweep_expired, self.queue)
-                        wanted = min(free, self.batch_size)
-                        claimed = (
-                            self._guard(
-                                self.executor.claim,
-                                self.queue,
-                                self.worker_id,
-                                self.claim_timeout,
-                                wanted,
-                            )
-                            or []
-                        )
-                        for run in claimed:
-                            future = pool.submit(
-                                self.executor.execute, run, self.worker_id, self.claim_timeout
-                            )
-                            with self._lock:
-                                self._inflight.add(future)
-                            future.add_done_callback(self._done)
-                        if len(claimed) == wanted:
-                            continue  # there may be more ready right now
-                    self._idle()
-                if self._signalled is not None:
-                    log.info("signal %d: stopping after in-flight tasks finish", self._signalled)
-                # Leaving the `with` waits for in-flight handlers to finish.
+            self._loop()
+            if self.stopping_now:
+                self._release_unfinished()
         finally:
             restore()
             listener.stop()
 
+    def _loop(self) -> None:
+        next_sweep = 0.0
+        while not self.stopping_now:
+            if self.stopping:
+                if not self._drain():
+                    return
+                continue
+            now = time.monotonic()
+            if now >= next_sweep:
+                # On a timer, busy or not: a hung handler's expired lease is
+                # swept even when every slot is taken.
+                next_sweep = now + SWEEP_INTERVAL
+                if self._guard(self.executor.sweep_expired, self.queue) is _FAILED:
+                    continue
+            with self._lock:
+                free = self.concurrency - len(self._slots)
+            if free > 0:
+                wanted = min(free, self.batch_size)
+                claimed = self._guard(
+                    self.executor.claim, self.queue, self.worker_id, self.claim_timeout, wanted
+                )
+                if claimed is _FAILED:
+                    continue
+                for run in claimed:
+                    self._start(run)
+                if len(claimed) == wanted:
+                    continue  # there may be more ready right now
+            self._idle(min(self.poll_interval, max(next_sweep - time.monotonic(), 0.0)))
+
+    def _drain(self) -> bool:
+        """Stage one of a shutdown: wait for in-flight handlers. False once none is left."""
+        with self._lock:
+            inflight = len(self._slots)
+        if not inflight:
+            return False
+        if self._stop_deadline is None:
+            timeout = self.settings.shutdown_timeout
+            self._stop_deadline = math.inf if timeout is None else time.monotonic() + timeout
+            log.info(
+                "worker %s stopping: claiming nothing more, waiting for %d task(s) in flight "
+                "(stop again%s to stop now)",
+                self.worker_id,
+                inflight,
+                "" if timeout is None else f", or wait {timeout:g}s,",
+            )
+        self._idle(min(SIGNAL_CHECK_INTERVAL, max(self._stop_deadline - time.monotonic(), 0.0)))
+        return True
+
+    def _release_unfinished(self) -> None:
+        """Stage two: give back every claimed run that has not finished."""
+        with self._lock:
+            slots = list(self._slots.values())
+        if not slots:
+            return
+        log.warning(
+            "worker %s stopping now: releasing %d unfinished run(s)", self.worker_id, len(slots)
+        )
+        for slot in slots:
+            try:
+                self.executor.release(slot.run, self.worker_id, self.claim_timeout, slot.started)
+            except Exception:
+                # Its lease still runs out: the sweep of another worker retries it.
+                log.exception("could not release run %s", slot.run.run_id)
+
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn``; while the database is unreachable, back off and log once."""
         try:
-            return fn(*args)
-        except Exception:  # a database hiccup must not kill the worker loop
-            log.exception("worker %s: database error; retrying after poll interval", self.worker_id)
-            return None
+            result = fn(*args)
+        except Exception as exc:
+            first, delay = self._outage.failed(time.monotonic())
+            if first:
+                log.warning(
+                    "worker %s: database unreachable or failing (%s); retrying with backoff "
+                    "until it is back",
+                    self.worker_id,
+                    _summary(exc),
+                    exc_info=not is_disconnect(exc),
+                )
+            else:
+                log.debug("worker %s: database still failing: %s", self.worker_id, _summary(exc))
+            self._idle(delay)
+            return _FAILED
+        ended = self._outage.recovered(time.monotonic())
+        if ended is not None:
+            log.warning(
+                "worker %s: database is back after %.1fs (%d failed attempt(s))",
+                self.worker_id,
+                *ended,
+            )
+        return result
+
+
+_FAILED = object()  # what _guard returns for a call that raised
+
+
+def _summary(exc: BaseException) -> str:
+    """The first line of an exception, for a log line without a traceback."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _install_signal_handlers(on_signal: Callable[[int], None]) -> Callable[[], None]:

@@ -23,6 +23,7 @@ LAYERS = [
     "_run",  # one run's state: pure
     "_app",  # configuration, registry, spawn batches: pure
     "_current",  # get_current_context
+    "_outage",  # a worker loop's backoff while the database is away: pure
     "_engine",  # bind -> engine + session factory
     "_db",  # Database: the I/O primitives
     "_ops",  # multi-statement operations on a connection
@@ -36,7 +37,7 @@ LAYERS = [
     "_alembic_env",
     "cli",
 ]
-PURE = {"errors", "_core", "_children", "_run", "_app"}  # no sqlalchemy.engine/psycopg
+PURE = {"errors", "_core", "_children", "_run", "_app", "_outage"}  # no sqlalchemy.engine/psycopg
 
 
 def runtime_imports(module: str, source: str | None = None) -> set[str]:
