@@ -8,7 +8,7 @@ talk to the database through it and through nothing else.
 
 A run's own writes (its checkpoints, sleeps, awaits, heartbeats and outcome)
 survive a lost connection: ``Database.retrying`` tries them again with
-backoff, deciding with the I/O-free ``retry_delay`` and ``landed_statement``.
+backoff, deciding with the I/O-free ``retry_delay`` and ``_sql_worker.landed_statement``.
 """
 
 from __future__ import annotations
@@ -25,27 +25,14 @@ from sqlalchemy import (
     Connection,
     Engine,
     Row,
-    Select,
-    Text,
-    bindparam,
-    cast,
-    false,
-    func,
-    literal,
-    literal_column,
-    null,
-    select,
 )
-from sqlalchemy.dialects.postgresql import TIMESTAMP, UUID
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.sql import ColumnElement, Executable
+from sqlalchemy.sql import Executable
 
 from . import _sql_worker as sqlw
 from ._engine import Bind, engine_and_sessions
-from ._sql import NOW, json_param
 from .errors import InvalidArgument
-from .models import checkpoints, runs, waits
 
 log = logging.getLogger("absurd_sqla.worker")
 
@@ -90,120 +77,6 @@ def retry_delay(exc: BaseException, retries: int, elapsed: float, jitter: float)
         return None
     delay = min(_MAX_RETRY_DELAY, _FIRST_RETRY_DELAY * 2.0 ** min(retries, 16))
     return min(delay * (0.5 + jitter / 2), remaining)
-
-
-# -- a write whose answer was lost -----------------------------------------------
-#
-# A write that broke with its connection may have committed first. Then its
-# retry is fenced (the run is no longer ``running`` under our lease) and reports
-# the run as lost, though the change that took it away was our own. Each
-# statement below recognises that change: a row shaped like the write's own,
-# ``owned`` = 1, when our earlier attempt is in the database; no row otherwise.
-# It takes the write's parameters.
-
-_run = sqlw.run_param
-_step = sqlw.step_param
-_event = bindparam("event", type_=Text)
-# jsonb #>> '{}': the text of a JSON string (a checkpointed wake time).
-_NO_PATH: ColumnElement[Any] = literal_column("'{}'::text[]")
-
-
-def _own_checkpoint(*columns: Any) -> Select[Any]:
-    """``columns`` of the run and its checkpoint ``step``, if our run wrote it."""
-    return (
-        select(*columns)
-        .select_from(runs.join(checkpoints, checkpoints.c.task_id == runs.c.task_id))
-        .where(
-            runs.c.run_id == _run,
-            checkpoints.c.checkpoint_name == _step,
-            checkpoints.c.owner_run_id == _run,
-        )
-    )
-
-
-_completed = select(
-    literal(1).label("owned"),
-    literal(1).label("tasks"),
-    runs.c.state.label("run_state"),
-).where(
-    runs.c.run_id == _run,
-    runs.c.state == "completed",
-    runs.c.result == json_param("result_json"),
-)
-
-_retry_run = runs.alias("retry_run")
-_failed = select(
-    literal(1).label("owned"),
-    select(func.count())
-    .where(_retry_run.c.run_id == bindparam("new_run", type_=UUID(as_uuid=True)))
-    .scalar_subquery()
-    .label("retried"),
-    runs.c.state.label("run_state"),
-).where(
-    runs.c.run_id == _run,
-    runs.c.state == "failed",
-    runs.c.failure_reason == json_param("reason_json"),
-)
-
-_checkpointed = _own_checkpoint(
-    literal(1).label("owned"),
-    literal(1).label("written"),
-    runs.c.state.label("run_state"),
-    NOW.label("now"),
-).where(checkpoints.c.state == json_param("value_json"))
-
-_asleep = _own_checkpoint(
-    literal(1).label("owned"),
-    runs.c.state.label("run_state"),
-    runs.c.available_at.label("wake_at"),
-    literal(1).label("suspended"),
-    literal(1).label("checkpointed"),
-).where(
-    runs.c.state == "sleeping",
-    # Until the wake time checkpointed (as a JSON string).
-    runs.c.available_at == cast(checkpoints.c.state.op("#>>")(_NO_PATH), TIMESTAMP(timezone=True)),
-)
-
-_waiting = (
-    select(
-        literal(1).label("owned"),
-        runs.c.state.label("run_state"),
-        false().label("emitted"),
-        false().label("timed_out"),
-        null().label("payload"),
-        literal(1).label("suspended"),
-        literal(0).label("checkpointed"),
-        literal(1).label("waiting"),
-        literal(0).label("wait_cleared"),
-    )
-    .select_from(runs.join(waits, waits.c.run_id == runs.c.run_id))
-    .where(
-        runs.c.run_id == _run,
-        runs.c.state == "sleeping",
-        runs.c.wake_event == _event,
-        waits.c.step_name == _step,
-        waits.c.event_name == _event,
-        waits.c.queue_name == bindparam("event_queue", type_=Text),
-    )
-)
-
-# write -> the statement recognising it landed. A write not listed here (a
-# heartbeat: it only extends the lease) is retried without one.
-_LANDED: tuple[tuple[Executable, Executable], ...] = (
-    (sqlw.complete_run, _completed),
-    (sqlw.fail_run, _failed),
-    (sqlw.write_checkpoint, _checkpointed),
-    (sqlw.sleep, _asleep),
-    (sqlw.await_event, _waiting),
-)
-
-
-def landed_statement(write: Executable) -> Executable | None:
-    """The statement recognising that ``write`` committed, if it has one."""
-    for listed, landed in _LANDED:
-        if listed is write:
-            return landed
-    return None
 
 
 def refuse_autocommit(engine: Engine, session_factory: sessionmaker[Session]) -> None:
@@ -308,7 +181,7 @@ class Database:
                 time.sleep(delay)
 
     def _landed(self, write: Executable, params: Mapping[str, Any]) -> Row[Any] | None:
-        landed = landed_statement(write)
+        landed = sqlw.landed_statement(write)
         if landed is None:
             return None
         with self._autocommit.connect() as conn:

@@ -13,6 +13,8 @@ update reads the run update's RETURNING rows, so it cannot lock first.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     Boolean,
     Float,
@@ -22,7 +24,10 @@ from sqlalchemy import (
     case,
     cast,
     delete,
+    false,
     func,
+    literal,
+    literal_column,
     null,
     or_,
     select,
@@ -31,8 +36,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.selectable import CTE
+from sqlalchemy.sql.selectable import CTE, Select
 
 from ._sql import (
     NOW,
@@ -511,3 +517,115 @@ fail_run = select(
     _run_state(_failed).label("run_state"),
     notify().label("notified"),
 )
+
+
+# -- a write whose answer was lost -----------------------------------------------
+#
+# A write that broke with its connection may have committed first. Then its
+# retry is fenced (the run is no longer ``running`` under our lease) and reports
+# the run as lost, though the change that took it away was our own. Each
+# statement below recognises that change: a row shaped like the write's own,
+# ``owned`` = 1, when our earlier attempt is in the database; no row otherwise.
+# It takes the write's parameters.
+
+_landed_event = bindparam("event", type_=Text)
+# jsonb #>> '{}': the text of a JSON string (a checkpointed wake time).
+_NO_PATH: ColumnElement[Any] = literal_column("'{}'::text[]")
+
+
+def _own_checkpoint(*columns: Any) -> Select[Any]:
+    """``columns`` of the run and its checkpoint ``step``, if our run wrote it."""
+    return (
+        select(*columns)
+        .select_from(runs.join(checkpoints, checkpoints.c.task_id == runs.c.task_id))
+        .where(
+            runs.c.run_id == run_param,
+            checkpoints.c.checkpoint_name == step_param,
+            checkpoints.c.owner_run_id == run_param,
+        )
+    )
+
+
+_landed_completed = select(
+    literal(1).label("owned"),
+    literal(1).label("tasks"),
+    runs.c.state.label("run_state"),
+).where(
+    runs.c.run_id == run_param,
+    runs.c.state == "completed",
+    runs.c.result == json_param("result_json"),
+)
+
+_landed_retry_run = runs.alias("retry_run")
+_landed_failed = select(
+    literal(1).label("owned"),
+    select(func.count())
+    .where(_landed_retry_run.c.run_id == bindparam("new_run", type_=UUID(as_uuid=True)))
+    .scalar_subquery()
+    .label("retried"),
+    runs.c.state.label("run_state"),
+).where(
+    runs.c.run_id == run_param,
+    runs.c.state == "failed",
+    runs.c.failure_reason == json_param("reason_json"),
+)
+
+_landed_checkpoint = _own_checkpoint(
+    literal(1).label("owned"),
+    literal(1).label("written"),
+    runs.c.state.label("run_state"),
+    NOW.label("now"),
+).where(checkpoints.c.state == json_param("value_json"))
+
+_landed_sleep = _own_checkpoint(
+    literal(1).label("owned"),
+    runs.c.state.label("run_state"),
+    runs.c.available_at.label("wake_at"),
+    literal(1).label("suspended"),
+    literal(1).label("checkpointed"),
+).where(
+    runs.c.state == "sleeping",
+    # Until the wake time checkpointed (as a JSON string).
+    runs.c.available_at == cast(checkpoints.c.state.op("#>>")(_NO_PATH), TIMESTAMP(timezone=True)),
+)
+
+_landed_wait = (
+    select(
+        literal(1).label("owned"),
+        runs.c.state.label("run_state"),
+        false().label("emitted"),
+        false().label("timed_out"),
+        null().label("payload"),
+        literal(1).label("suspended"),
+        literal(0).label("checkpointed"),
+        literal(1).label("waiting"),
+        literal(0).label("wait_cleared"),
+    )
+    .select_from(runs.join(waits, waits.c.run_id == runs.c.run_id))
+    .where(
+        runs.c.run_id == run_param,
+        runs.c.state == "sleeping",
+        runs.c.wake_event == _landed_event,
+        waits.c.step_name == step_param,
+        waits.c.event_name == _landed_event,
+        waits.c.queue_name == bindparam("event_queue", type_=Text),
+    )
+)
+
+# write -> the statement recognising it landed. A write not listed here (a
+# heartbeat: it only extends the lease) is retried without one.
+_LANDED: tuple[tuple[Executable, Executable], ...] = (
+    (complete_run, _landed_completed),
+    (fail_run, _landed_failed),
+    (write_checkpoint, _landed_checkpoint),
+    (sleep, _landed_sleep),
+    (await_event, _landed_wait),
+)
+
+
+def landed_statement(write: Executable) -> Executable | None:
+    """The statement recognising that ``write`` committed, if it has one."""
+    for listed, landed in _LANDED:
+        if listed is write:
+            return landed
+    return None
