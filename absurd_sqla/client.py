@@ -320,10 +320,13 @@ class Absurd:
     ) -> None:
         """Run until :meth:`stop_worker`, SIGTERM or SIGINT; in-flight tasks finish.
 
-        Shutdown has two stages: the first stop claims nothing more and waits
-        for in-flight handlers; a second stop, or ``shutdown_timeout`` seconds
-        after the first, stops now and releases the unfinished runs (claimable
-        again at once; a run whose handler never started costs no attempt).
+        Shutdown has two stages: a stop (:meth:`stop_worker`, SIGTERM, SIGINT)
+        claims nothing more and waits for in-flight handlers;
+        ``stop_worker(now=True)``, a second signal, or ``shutdown_timeout``
+        seconds after the first stop, stops now and releases the unfinished
+        runs (claimable again at once; a run whose handler never started costs
+        no attempt, one that started fails as ``$WorkerShutdown`` and is
+        retried at once).
 
         May run in a background thread (signal handlers are installed only
         from the main thread). ``concurrency`` handlers run at once, in threads.
@@ -342,14 +345,15 @@ class Absurd:
         )
         self._workers.run(Worker(self._executor, settings))
 
-    def stop_worker(self) -> None:
+    def stop_worker(self, *, now: bool = False) -> None:
         """Ask every worker of this client to stop (from any thread, without await).
 
         Each claims nothing more and returns once its in-flight handlers finish;
-        a second call stops them now (see :meth:`start_worker`). With no worker
-        running, the next :meth:`start_worker` returns at once.
+        with ``now=True`` it releases them at once instead (see
+        :meth:`start_worker`). With no worker running, the next
+        :meth:`start_worker` returns at once.
         """
-        self._workers.stop()
+        self._workers.stop(now=now)
 
 
 def _pick(name: str, value: Any, original_name_value: Any) -> Any:

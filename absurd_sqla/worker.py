@@ -122,11 +122,11 @@ class _Slot:
 class Worker:
     """A long-running worker for one queue. Use ``Absurd.start_worker``.
 
-    Shutdown has two stages. The first stop (``stop()``, SIGTERM or SIGINT)
-    claims nothing more and lets in-flight handlers finish. A second stop, or
-    ``shutdown_timeout`` elapsing after the first, stops now: runs not finished
-    are released (claimable again at once) and their threads are abandoned;
-    fencing makes any later write of theirs harmless.
+    Shutdown has two stages. A stop (``stop()``, SIGTERM or SIGINT) claims
+    nothing more and lets in-flight handlers finish. ``stop(now=True)``, a
+    second signal, or ``shutdown_timeout`` elapsing after the first stop, stops
+    now: runs not finished are released (claimable again at once) and their
+    threads are abandoned; fencing makes any later write of theirs harmless.
     """
 
     def __init__(self, executor: Executor, settings: WorkerSettings) -> None:
@@ -139,7 +139,8 @@ class Worker:
         self.concurrency = settings.concurrency
         self.batch_size = settings.batch_size
         self.poll_interval = settings.poll_interval
-        self._stops = 0  # stop() calls, under _lock
+        self._stopped = False  # stop() was called
+        self._stop_now = False  # stop(now=True) was called
         self._signals: list[int] = []  # appended by signal handlers: no locks there
         self._stop_deadline: float | None = None
         self._wake = threading.Event()
@@ -149,20 +150,20 @@ class Worker:
 
     # -- stopping ----------------------------------------------------------------
 
-    def stop(self) -> None:
-        """First call: claim nothing more, let in-flight handlers finish. Second
-        call: stop now. Safe from any thread."""
-        with self._lock:
-            self._stops += 1
+    def stop(self, *, now: bool = False) -> None:
+        """Claim nothing more and let in-flight handlers finish; with ``now``,
+        release them at once instead. Safe from any thread."""
+        self._stopped = True
+        self._stop_now = self._stop_now or now
         self._wake.set()
 
     @property
     def stopping(self) -> bool:
-        return self._stops + len(self._signals) >= 1
+        return self._stopped or bool(self._signals)
 
     @property
     def stopping_now(self) -> bool:
-        if self._stops + len(self._signals) >= 2:
+        if self._stop_now or len(self._signals) >= 2:
             return True
         return self._stop_deadline is not None and time.monotonic() >= self._stop_deadline
 
@@ -284,10 +285,10 @@ class Worker:
             self._stop_deadline = math.inf if timeout is None else time.monotonic() + timeout
             log.info(
                 "worker %s stopping: claiming nothing more, waiting for %d task(s) in flight "
-                "(stop again%s to stop now)",
+                "(signal again, or stop_worker(now=True)%s, to stop now)",
                 self.worker_id,
                 inflight,
-                "" if timeout is None else f", or wait {timeout:g}s,",
+                "" if timeout is None else f", or wait {timeout:g}s",
             )
         self._idle(min(SIGNAL_CHECK_INTERVAL, max(self._stop_deadline - time.monotonic(), 0.0)))
         return True
@@ -393,8 +394,8 @@ class Workers:
         with self._lock:
             return list(self._running)
 
-    def stop(self) -> None:
+    def stop(self, *, now: bool = False) -> None:
         with self._lock:
             self._stop_pending = not self._running
             for worker in self._running:
-                worker.stop()
+                worker.stop(now=now)

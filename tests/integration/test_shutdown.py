@@ -1,6 +1,6 @@
-"""Shutdown has a bound. The first stop lets in-flight handlers finish; a
-second stop (``stop_worker()`` again, or a second SIGTERM/SIGINT), or
-``shutdown_timeout`` after the first, stops now and releases unfinished runs:
+"""Shutdown has a bound. A stop lets in-flight handlers finish;
+``stop_worker(now=True)``, a second SIGTERM/SIGINT, or ``shutdown_timeout``
+after the first stop, stops now and releases unfinished runs:
 claimable again at once, an attempt used only where the handler had started.
 A worker whose every slot is busy still sweeps expired leases."""
 
@@ -80,7 +80,7 @@ def cleanup() -> Iterator[list[Any]]:
             assert item.done.wait(DEADLINE)
 
 
-def test_a_second_stop_releases_a_started_run_for_a_retry_at_once(
+def test_stop_now_releases_a_started_run_for_a_retry_at_once(
     app: Absurd, cleanup: list[Any]
 ) -> None:
     hung = Hung(app, max_attempts=3)
@@ -91,7 +91,9 @@ def test_a_second_stop_releases_a_started_run_for_a_retry_at_once(
     app.stop_worker()  # stage one: waits for the hung handler
     wait_until(lambda: all(w.stopping for w in app._workers.running()), "the worker is stopping")
     assert not worker.stopped()
-    app.stop_worker()  # stage two: now
+    app.stop_worker()  # again: still graceful
+    assert not worker.stopped()
+    app.stop_worker(now=True)  # stage two
     wait_until(worker.stopped, "start_worker returned with the handler still hung")
     assert runs(app.engine, spawned.task_id) == [
         (1, "failed", "$WorkerShutdown", True),
@@ -173,8 +175,7 @@ def test_a_busy_worker_still_sweeps_expired_leases(
         lambda: runs(app.engine, spawned.task_id)[0][:3] == (1, "failed", "$ClaimTimeout"),
         "the busy worker swept its own hung run",
     )
-    app.stop_worker()
-    app.stop_worker()
+    app.stop_worker(now=True)
     wait_until(worker.stopped, "the worker stopped now")
 
 
