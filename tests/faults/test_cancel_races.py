@@ -26,10 +26,5 @@ def test_races_leave_no_deadlock_and_tasks_agree_with_their_runs(result: Result)
     assert result.findings.states.get("cancelled", 0) >= ROUNDS  # retry-wait at least
 
 
-@pytest.mark.xfail(
-    reason="defect 2: a cancelled task may surface as LeaseLost (a checkpoint write "
-    "fenced by a concurrent cancel reports the run as 'running')",
-    strict=False,
-)
 def test_a_cancelled_handler_sees_cancelled_task_not_lease_lost(result: Result) -> None:
     assert result.measured["lease_lost"] == {}, result.describe()

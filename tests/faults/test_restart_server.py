@@ -22,11 +22,6 @@ def test_every_task_completes_with_each_effect_once(result: Result) -> None:
     result.findings.assert_ok()
 
 
-@pytest.mark.xfail(
-    reason="defect 4: outcome writes are not retried on connection errors (the run "
-    "stays running until its lease expires and the sweep fails it as $ClaimTimeout)",
-    strict=False,
-)
 def test_no_run_of_a_live_worker_waits_for_its_lease_to_expire(result: Result) -> None:
     """No worker died: a run whose handler started was known to its worker,
     which must record its outcome once the server is back (retrying the write),

@@ -25,11 +25,6 @@ def test_backends_were_terminated_while_busy(result: Result) -> None:
     assert sum(n for kind, n in hit.items() if kind != "idle") >= 1, result.describe()
 
 
-@pytest.mark.xfail(
-    reason="defect 4: outcome writes are not retried on connection errors (the run "
-    "stays running until its lease expires and the sweep fails it as $ClaimTimeout)",
-    strict=False,
-)
 def test_no_run_of_a_live_worker_waits_for_its_lease_to_expire(result: Result) -> None:
     """Every worker process survives: a run whose handler started must be
     finished by its worker (retrying the outcome write on a new connection),
