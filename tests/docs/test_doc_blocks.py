@@ -367,6 +367,7 @@ HANDLERS: dict[str, dict[str, dict[str, Any]]] = {
     "docs/howto/child-tasks.md": {"publish-photo": {"src": "https://example.com/cat.jpg"}},
     "docs/howto/cancellation.md": {"nightly-report": {}},
     "docs/howto/retention.md": {"purge-old-tasks": {}},
+    "docs/reliability.md": {"receipt": {"order_id": 7}},
 }
 
 # Modules of the reader's project that a file's blocks write and then import.
