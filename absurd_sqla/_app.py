@@ -4,6 +4,7 @@ the task registry, and turning calls into statement parameters and back.
 
 from __future__ import annotations
 
+import inspect
 import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -109,6 +110,26 @@ class SpawnBatch:
     @property
     def keys(self) -> list[str]:
         return [row["idempotency_key"] for row in self.rows if row["idempotency_key"]]
+
+
+def check_sync_handler(name: str, handler: TaskHandler) -> TaskHandler:
+    """``Absurd`` runs plain functions; a coroutine function belongs on ``AsyncAbsurd``."""
+    if inspect.iscoroutinefunction(handler):
+        raise InvalidArgument(
+            f"the handler of task {name!r} is an async def: register it on AsyncAbsurd, "
+            "or make it a plain def for Absurd"
+        )
+    return handler
+
+
+def check_async_handler(name: str, handler: TaskHandler) -> TaskHandler:
+    """``AsyncAbsurd`` awaits its handlers; a plain function belongs on ``Absurd``."""
+    if callable(handler) and not inspect.iscoroutinefunction(handler):
+        raise InvalidArgument(
+            f"the handler of task {name!r} is a plain def: make it an async def for "
+            "AsyncAbsurd, or register it on Absurd"
+        )
+    return handler
 
 
 class AppCore:
