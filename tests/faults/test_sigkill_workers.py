@@ -23,6 +23,8 @@ def test_every_task_completes_with_each_effect_once(result: Result) -> None:
 
 def test_the_kills_hit_running_tasks_and_their_leases_were_swept(result: Result) -> None:
     # Not vacuous: workers really died holding runs, and the sweep recovered them.
-    assert result.faults == KILLS, result.describe()
+    # (The schedule stops early once every task is done, so on a fast machine
+    # fewer than KILLS kills may be needed.)
+    assert 1 <= result.faults <= KILLS, result.describe()
     assert result.findings.lease_expiries >= 1, result.describe()
     assert result.findings.failed_runs.get("$ClaimTimeout", 0) == result.findings.lease_expiries
