@@ -5,7 +5,9 @@ from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot, uuid7
 from ._current import get_current_context
 from ._run import StepHandle
 from .client import Absurd
+from .client_async import AsyncAbsurd
 from .context import TaskContext
+from .context_async import AsyncTaskContext
 from .errors import (
     AbsurdError,
     CancelledTask,
@@ -27,6 +29,8 @@ from .models import metadata
 __all__ = [
     "Absurd",
     "AbsurdError",
+    "AsyncAbsurd",
+    "AsyncTaskContext",
     "CancelledTask",
     "Hooks",
     "InvalidArgument",

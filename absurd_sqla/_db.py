@@ -1,14 +1,17 @@
+# GENERATED from absurd_sqla/_db_async.py by ci/generate_sync.py: do not edit.
+# Change _db_async.py and run `python ci/generate_sync.py`.
 """``Database``: the one internal interface to PostgreSQL.
 
 It owns the engine, an autocommit view of the same pool and the Session
 factory, and offers the few I/O primitives everything else is written with:
 one statement in autocommit, a transaction of our own, the caller's
-transaction, and a Session. ``Absurd``, ``TaskContext`` and the executor all
-talk to the database through it and through nothing else.
+transaction, and a Session. ``Absurd``, ``TaskContext`` and the
+executor all talk to the database through it and through nothing else.
 
 A run's own writes (its checkpoints, sleeps, awaits, heartbeats and outcome)
 survive a lost connection: ``Database.retrying`` tries them again with
-backoff, deciding with the I/O-free ``retry_delay`` and ``_sql_worker.landed_statement``.
+backoff, deciding with the I/O-free ``_retry.reconnect_delay`` and
+``_sql_worker.landed_statement``.
 """
 
 from __future__ import annotations
@@ -18,72 +21,27 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from time import sleep
 from typing import Any
 
-import psycopg
-from sqlalchemy import (
-    Connection,
-    Engine,
-    Row,
-)
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Connection, Engine, Row
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import Executable
 
 from . import _sql_worker as sqlw
 from ._engine import Bind, engine_and_sessions
+from ._retry import reconnect_delay
 from .errors import InvalidArgument
 
 log = logging.getLogger("absurd_sqla.worker")
 
 SessionLike = Session | Connection
 
-# A run's write that lost its connection is tried again until this many seconds
-# have passed since its first attempt (the wait before each retry is cut to fit).
-WRITE_RETRY_BUDGET = 30.0
-_FIRST_RETRY_DELAY = 0.25  # seconds, doubling with each retry ...
-_MAX_RETRY_DELAY = 8.0  # ... up to this; each wait is jittered down by up to half
-
-
-def is_disconnect(exc: BaseException) -> bool:
-    """An error that means the connection or the server went away (a restart, a
-    failover, a terminated backend), as opposed to an error in what we sent
-    (a deadlock, a timeout, a constraint: those carry their own SQLSTATE)."""
-    if isinstance(exc, DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        exc = exc.orig if exc.orig is not None else exc
-    if not isinstance(exc, psycopg.Error):
-        return False
-    if exc.sqlstate is None:  # raised by the client: no server answer at all
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-    # 08: connection exception; 57P: the server shut down or is starting.
-    return exc.sqlstate.startswith(("08", "57P"))
-
-
-def retry_delay(exc: BaseException, retries: int, elapsed: float, jitter: float) -> float | None:
-    """How long to wait before trying a run's write again, or None to give up.
-
-    Only a lost connection is worth a retry (``is_disconnect``): any other
-    error (a deadlock, a cancelled statement, a constraint) would fail again or
-    means something a retry must not paper over. ``retries`` made so far,
-    ``elapsed`` seconds since the first attempt, ``jitter`` in [0, 1): the wait
-    doubles from ``_FIRST_RETRY_DELAY`` up to ``_MAX_RETRY_DELAY``, scaled by
-    0.5-1.0 so that workers cut off together do not reconnect in step, and
-    never runs past ``WRITE_RETRY_BUDGET``.
-    """
-    remaining = WRITE_RETRY_BUDGET - elapsed
-    if remaining <= 0 or not is_disconnect(exc):
-        return None
-    delay = min(_MAX_RETRY_DELAY, _FIRST_RETRY_DELAY * 2.0 ** min(retries, 16))
-    return min(delay * (0.5 + jitter / 2), remaining)
-
 
 def refuse_autocommit(engine: Engine, session_factory: sessionmaker[Session]) -> None:
     """An AUTOCOMMIT bind would commit ``transaction_step``'s writes before its
     checkpoint is fenced, silently making exactly-once at-least-once."""
-    binds = [engine, session_factory.kw.get("bind")]
-    for bind in binds:
+    for bind in (engine, session_factory.kw.get("bind")):
         if not isinstance(bind, Engine):
             continue
         levels = (
@@ -104,7 +62,7 @@ class Database:
     """The engine, its autocommit twin and the Session factory, with I/O primitives."""
 
     def __init__(self, bind: Bind) -> None:
-        # A URL bind gets a pool big enough for a worker with a few threads, whose
+        # A URL bind gets a pool big enough for a worker with a few handlers, whose
         # connections are pinged on checkout: one that died while idle (a server
         # restart, a terminated backend, a proxy's idle timeout) is replaced
         # rather than handed to a task, whose write would fail on it.
@@ -137,11 +95,11 @@ class Database:
 
         ``attempt`` makes the write on a connection of its own (default: the
         statement alone, in autocommit) and returns its row. A lost connection
-        (a restart, a failover) makes it wait (``retry_delay``) and try again,
-        for up to ``WRITE_RETRY_BUDGET`` seconds; any other error is raised at
-        once. Safe because the write is fenced: it names its run and changes
-        nothing once the run is not ours. If an attempt broke after it had
-        committed, the retry finds the run already changed and says "not
+        (a restart, a failover) makes it wait (``reconnect_delay``) and try
+        again, for up to ``WRITE_RETRY_BUDGET`` seconds; any other error is
+        raised at once. Safe because the write is fenced: it names its run and
+        changes nothing once the run is not ours. If an attempt broke after it
+        had committed, the retry finds the run already changed and says "not
         owned": the landed statement then tells our own change from a lost
         lease, and its row is returned instead.
 
@@ -166,7 +124,7 @@ class Database:
                         return landed
                 return row
             except Exception as exc:
-                delay = retry_delay(exc, retries, time.monotonic() - started, random.random())
+                delay = reconnect_delay(exc, retries, time.monotonic() - started, random.random())
                 if delay is None:
                     raise
                 retries += 1
@@ -178,7 +136,7 @@ class Database:
                     delay,
                     retries,
                 )
-                time.sleep(delay)
+                sleep(delay)
 
     def _landed(self, write: Executable, params: Mapping[str, Any]) -> Row[Any] | None:
         landed = sqlw.landed_statement(write)
@@ -217,7 +175,7 @@ class Database:
         elif isinstance(session, Connection):
             yield session
         else:
-            raise TypeError(f"session must be a Session or a Connection, not {session!r}")
+            raise TypeError(f"session must be an Session or an Connection, not {session!r}")
 
     def session(self) -> Session:
         """A new Session from the factory (the caller begins and closes it)."""

@@ -7,11 +7,18 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 DEFAULT_URL = "postgresql://localhost/absurd"
 
 Bind = str | URL | Engine | sessionmaker[Session] | None
+AsyncBind = str | URL | AsyncEngine | async_sessionmaker[AsyncSession] | None
 
 
 def default_url() -> str:
@@ -41,6 +48,8 @@ def engine_and_sessions(bind: Bind, **engine_kw: Any) -> tuple[Engine, sessionma
     as it is (its pool settings, ``pool_pre_ping`` included, are the caller's)."""
     if bind is None:
         bind = default_url()
+    if isinstance(bind, AsyncEngine | async_sessionmaker):
+        raise TypeError("Absurd needs an Engine or sessionmaker; use AsyncAbsurd for asyncio")
     if isinstance(bind, sessionmaker):
         engine = bind.kw.get("bind")
         if not isinstance(engine, Engine):
@@ -52,3 +61,29 @@ def engine_and_sessions(bind: Bind, **engine_kw: Any) -> tuple[Engine, sessionma
         engine = create_engine(normalize_url(bind), **engine_kw)
         return engine, sessionmaker(engine)
     raise TypeError(f"bind must be a URL, an Engine or a sessionmaker, not {type(bind).__name__}")
+
+
+def async_engine_and_sessions(
+    bind: AsyncBind, **engine_kw: Any
+) -> tuple[AsyncEngine, async_sessionmaker[AsyncSession]]:
+    """``engine_and_sessions`` for asyncio: an ``AsyncEngine`` (psycopg 3's async
+    driver for a URL) and an ``async_sessionmaker``."""
+    if bind is None:
+        bind = default_url()
+    if isinstance(bind, async_sessionmaker):
+        engine = bind.kw.get("bind")
+        if not isinstance(engine, AsyncEngine):
+            raise TypeError(
+                "the async_sessionmaker passed as bind must itself be bound to an AsyncEngine"
+            )
+        return engine, bind
+    if isinstance(bind, AsyncEngine):
+        return bind, async_sessionmaker(bind, expire_on_commit=False)
+    if isinstance(bind, Engine | sessionmaker):
+        raise TypeError("AsyncAbsurd needs an AsyncEngine or async_sessionmaker; use Absurd")
+    if isinstance(bind, str | URL):
+        engine = create_async_engine(normalize_url(bind, driver="psycopg_async"), **engine_kw)
+        return engine, async_sessionmaker(engine, expire_on_commit=False)
+    raise TypeError(
+        f"bind must be a URL, an AsyncEngine or an async_sessionmaker, not {type(bind).__name__}"
+    )

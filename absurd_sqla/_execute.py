@@ -1,3 +1,5 @@
+# GENERATED from absurd_sqla/_execute_async.py by ci/generate_sync.py: do not edit.
+# Change _execute_async.py and run `python ci/generate_sync.py`.
 """The executor: claim runs, execute their handlers, record each outcome, and
 sweep expired leases. Everything a worker does per run, without the loop
 around it (``worker.py``) — ``work_batch`` is this module alone.

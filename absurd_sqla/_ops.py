@@ -1,3 +1,5 @@
+# GENERATED from absurd_sqla/_ops_async.py by ci/generate_sync.py: do not edit.
+# Change _ops_async.py and run `python ci/generate_sync.py`.
 """Operations that take more than one statement, on a connection the caller
 supplies (its own transaction or ours): spawn, emit, cancel, read a result,
 and announce a finished child. Shared by the client, the task context and the
@@ -31,8 +33,8 @@ def spawn_many(conn: Connection, core: AppCore, batches: Sequence[SpawnBatch]) -
         inserted = conn.execute(_sql.spawn, batch.params).all()
         existing: Sequence[Any] = ()
         if len(inserted) < len(batch.rows) and batch.keys:
-            existing = conn.execute(
-                _sql.existing_by_keys, {"queue": batch.queue, "keys": batch.keys}
+            existing = (
+                conn.execute(_sql.existing_by_keys, {"queue": batch.queue, "keys": batch.keys})
             ).all()
         results += core.spawn_results(batch, inserted, existing)
     return [result for _, result in sorted(results, key=lambda pair: pair[0])]

@@ -1,4 +1,6 @@
-"""``Absurd``: the synchronous client."""
+# GENERATED from absurd_sqla/client_async.py by ci/generate_sync.py: do not edit.
+# Change client_async.py and run `python ci/generate_sync.py`.
+"""``Absurd``: the client."""
 
 from __future__ import annotations
 
@@ -6,19 +8,21 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
+from time import sleep
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from . import _core, _ops, _sql
-from ._app import AppCore, Hooks, WorkerSettings
+from ._app import AppCore, Hooks, WorkerSettings, check_sync_handler
 from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot
 from ._db import Database, SessionLike
 from ._engine import Bind
 from ._execute import Executor
+from ._runtime import default_worker_id
 from .errors import InvalidArgument, TaskNotFound, TimeoutError
-from .worker import Worker, Workers, default_worker_id
+from .worker import Worker, Workers
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,11 +30,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Absurd:
     """Durable tasks on PostgreSQL.
 
-    ``bind`` is a URL, an :class:`~sqlalchemy.Engine` or a ``sessionmaker``;
+    ``bind`` is a URL, an engine (``Engine``) or a session factory
+    (``sessionmaker``);
     without one, ``ABSURD_DATABASE_URL``, then ``PGDATABASE``, then
     ``postgresql://localhost/absurd``.
 
-    Every write takes ``session=``: a ``Session`` or ``Connection`` whose
+    Every write takes ``session=``: a session or connection (``Session``,
+    ``Connection``) whose
     transaction the write joins without committing. Until the caller commits,
     the task or event is invisible and no worker is woken; after a rollback it
     never existed. Without ``session=`` the write commits on its own.
@@ -107,7 +113,7 @@ class Absurd:
         def decorate(handler: F) -> F:
             self._core.register(
                 name,
-                handler,
+                check_sync_handler(name, handler),
                 queue=queue,
                 max_attempts=max_attempts,
                 retry_strategy=retry_strategy,
@@ -209,8 +215,10 @@ class Absurd:
                     cancellation=source.cancellation,
                 )
             new_run = _core.uuid7()
-            row = conn.execute(
-                _sql.retry_task, {**params, "new_run": new_run, "max_attempts": new_max}
+            row = (
+                conn.execute(
+                    _sql.retry_task, {**params, "new_run": new_run, "max_attempts": new_max}
+                )
             ).one()
             self._core.check_retryable(params, row.previous_state, row.task_queue)
         return SpawnResult(params["task"], new_run, row.attempt, False)
@@ -270,7 +278,7 @@ class Absurd:
                         state=snapshot.state,
                     )
                 delay = min(delay, remaining)
-            time.sleep(delay)
+            sleep(delay)
 
     # -- events --------------------------------------------------------------
 

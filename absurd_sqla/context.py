@@ -1,4 +1,6 @@
-"""``TaskContext``: what a sync task handler uses to checkpoint, sleep and wait."""
+# GENERATED from absurd_sqla/context_async.py by ci/generate_sync.py: do not edit.
+# Change context_async.py and run `python ci/generate_sync.py`.
+"""``TaskContext``: what a task handler uses to checkpoint, sleep and wait."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ T = TypeVar("T")
 
 
 class TaskContext:
-    """Handed to every sync handler as ``ctx``. Steps are checkpointed: on a
+    """Handed to every handler as ``ctx``. Steps are checkpointed: on a
     retry or after a suspension the handler runs again from the top, and every
     step that already finished returns its stored value instead of running.
     """
@@ -115,7 +117,7 @@ class TaskContext:
             value = fn(session)
             session.flush()
             params = self._state.checkpoint_params(handle, value)
-            row = session.connection().execute(sqlw.write_checkpoint, params).one()
+            row = (session.connection().execute(sqlw.write_checkpoint, params)).one()
             self._state.check_owned(row)  # raises -> rollback of fn's writes too
         self._enforce_max_duration(row.now)
         return self._state.after_checkpoint(handle, value, row)  # type: ignore[no-any-return]
@@ -205,8 +207,8 @@ class TaskContext:
         with self._db.transaction() as conn:
             (result,) = _ops.spawn_many(conn, self._core, batches)
             value = _children.spawn_checkpoint(result)
-            row = conn.execute(
-                sqlw.write_checkpoint, self._state.checkpoint_params(handle, value)
+            row = (
+                conn.execute(sqlw.write_checkpoint, self._state.checkpoint_params(handle, value))
             ).one()
             self._state.check_owned(row)
         self._state.after_checkpoint(handle, value, row)

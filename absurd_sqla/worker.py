@@ -11,10 +11,7 @@ signals and the set of running workers.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,24 +20,24 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine
-from sqlalchemy.pool import QueuePool
 
 from ._app import WorkerSettings
-from ._db import is_disconnect
 from ._execute import Executor
 from ._outage import Outage
+from ._retry import is_disconnect
 from ._run import ClaimedRun
+from ._runtime import (
+    LISTEN_RETRY_MAX,
+    LISTEN_RETRY_MIN,
+    SIGNAL_CHECK_INTERVAL,
+    SWEEP_INTERVAL,
+    StopState,
+    pool_warning,
+    summary,
+)
 from ._sql import channel_for
 
 log = logging.getLogger("absurd_sqla.worker")
-
-SWEEP_INTERVAL = 1.0  # seconds between expired-lease sweeps of a running worker
-LISTEN_RETRY_MIN, LISTEN_RETRY_MAX = 0.5, 30.0  # reconnect backoff of the listener, seconds
-SIGNAL_CHECK_INTERVAL = 0.1  # longest an idle worker takes to notice SIGTERM/SIGINT
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Listener:
@@ -80,7 +77,7 @@ class Listener:
                     log.warning(
                         "LISTEN on %s failed (%s); polling until it reconnects",
                         self._channel,
-                        _summary(exc),
+                        summary(exc),
                         exc_info=not is_disconnect(exc),
                     )
                 self._failing = True
@@ -139,10 +136,7 @@ class Worker:
         self.concurrency = settings.concurrency
         self.batch_size = settings.batch_size
         self.poll_interval = settings.poll_interval
-        self._stopped = False  # stop() was called
-        self._stop_now = False  # stop(now=True) was called
-        self._signals: list[int] = []  # appended by signal handlers: no locks there
-        self._stop_deadline: float | None = None
+        self._stop = StopState(settings.shutdown_timeout)
         self._wake = threading.Event()
         self._slots: dict[object, _Slot] = {}
         self._lock = threading.Lock()
@@ -153,24 +147,16 @@ class Worker:
     def stop(self, *, now: bool = False) -> None:
         """Claim nothing more and let in-flight handlers finish; with ``now``,
         release them at once instead. Safe from any thread."""
-        self._stopped = True
-        self._stop_now = self._stop_now or now
+        self._stop.stop(now=now)
         self._wake.set()
 
     @property
     def stopping(self) -> bool:
-        return self._stopped or bool(self._signals)
+        return self._stop.stopping
 
     @property
     def stopping_now(self) -> bool:
-        if self._stop_now or len(self._signals) >= 2:
-            return True
-        return self._stop_deadline is not None and time.monotonic() >= self._stop_deadline
-
-    def _on_signal(self, signum: int) -> None:
-        # Runs in the main thread between bytecodes, maybe while this thread holds
-        # a lock: only an atomic list append is safe here.
-        self._signals.append(signum)
+        return self._stop.stopping_now
 
     # -- the loop ----------------------------------------------------------------
 
@@ -180,8 +166,8 @@ class Worker:
         In slices, so a signal (which sets no event) is noticed promptly.
         """
         deadline = time.monotonic() + timeout
-        seen = len(self._signals)
-        while len(self._signals) == seen:
+        seen = len(self._stop.signals)
+        while len(self._stop.signals) == seen:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._wake.wait(min(remaining, SIGNAL_CHECK_INTERVAL)):
                 break
@@ -208,35 +194,15 @@ class Worker:
             self._slots[run.run_id] = slot
         slot.thread.start()
 
-    def _check_pool(self, shared_need: int) -> None:
-        """Warn when the engine's pool is smaller than what this worker and the
-        client's other running workers (``shared_need``) need together."""
-        pool = self.engine.pool
-        if not isinstance(pool, QueuePool):
-            return
-        overflow = pool._max_overflow  # no public getter; -1 means unlimited
-        if overflow < 0:
-            return
-        capacity = pool.size() + overflow
-        needed = self.settings.connections_needed + shared_need
-        if capacity < needed:
-            log.warning(
-                "the engine's pool allows %d connections but concurrency=%d needs %d "
-                "(one per handler, one for the claim loop, one spare%s); handlers will "
-                "wait for connections (raise pool_size/max_overflow)",
-                capacity,
-                self.concurrency,
-                needed,
-                f", plus {shared_need} for this client's other workers" if shared_need else "",
-            )
-
     def run(self, shared_need: int = 0) -> None:
         """Run until stopped; ``shared_need``: pool connections that this client's
         other running workers need from the same engine."""
-        self._check_pool(shared_need)
+        warning = pool_warning(self.engine.pool, self.settings, shared_need)
+        if warning is not None:
+            log.warning(warning)
         listener = Listener(self.engine, channel_for(self.queue), self._wake)
         listener.start()
-        restore = _install_signal_handlers(self._on_signal)
+        restore = _install_signal_handlers(self._stop.signal)
         try:
             self._loop()
             if self.stopping_now:
@@ -280,17 +246,10 @@ class Worker:
             inflight = len(self._slots)
         if not inflight:
             return False
-        if self._stop_deadline is None:
-            timeout = self.settings.shutdown_timeout
-            self._stop_deadline = math.inf if timeout is None else time.monotonic() + timeout
-            log.info(
-                "worker %s stopping: claiming nothing more, waiting for %d task(s) in flight "
-                "(signal again, or stop_worker(now=True)%s, to stop now)",
-                self.worker_id,
-                inflight,
-                "" if timeout is None else f", or wait {timeout:g}s",
-            )
-        self._idle(min(SIGNAL_CHECK_INTERVAL, max(self._stop_deadline - time.monotonic(), 0.0)))
+        if self._stop.start_draining():
+            log.info(self._stop.drain_message(self.worker_id, inflight))
+        deadline = self._stop.deadline or 0.0
+        self._idle(min(SIGNAL_CHECK_INTERVAL, max(deadline - time.monotonic(), 0.0)))
         return True
 
     def _release_unfinished(self) -> None:
@@ -320,11 +279,11 @@ class Worker:
                     "worker %s: database unreachable or failing (%s); retrying with backoff "
                     "until it is back",
                     self.worker_id,
-                    _summary(exc),
+                    summary(exc),
                     exc_info=not is_disconnect(exc),
                 )
             else:
-                log.debug("worker %s: database still failing: %s", self.worker_id, _summary(exc))
+                log.debug("worker %s: database still failing: %s", self.worker_id, summary(exc))
             self._idle(delay)
             return _FAILED
         ended = self._outage.recovered(time.monotonic())
@@ -338,12 +297,6 @@ class Worker:
 
 
 _FAILED = object()  # what _guard returns for a call that raised
-
-
-def _summary(exc: BaseException) -> str:
-    """The first line of an exception, for a log line without a traceback."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _install_signal_handlers(on_signal: Callable[[int], None]) -> Callable[[], None]:

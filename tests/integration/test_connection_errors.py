@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError
 
 from absurd_sqla import Absurd
 from absurd_sqla import _sql_worker as sqlw
-from absurd_sqla._db import WRITE_RETRY_BUDGET, is_disconnect, retry_delay
+from absurd_sqla._retry import WRITE_RETRY_BUDGET, is_disconnect, reconnect_delay
 from absurd_sqla.context import TaskContext
 from absurd_sqla.errors import CancelledTask, LeaseLost, SuspendTask, TaskSignal
 from absurd_sqla.models import runs
@@ -433,25 +433,25 @@ def lost() -> psycopg.OperationalError:
     ids=lambda e: type(e).__name__,
 )
 def test_only_a_lost_connection_is_retried(error: BaseException) -> None:
-    assert retry_delay(error, 0, 0.0, 0.5) is None
-    assert retry_delay(lost(), 0, 0.0, 0.5) is not None
-    assert retry_delay(psycopg.errors.AdminShutdown("terminating"), 0, 0.0, 0.5) is not None
+    assert reconnect_delay(error, 0, 0.0, 0.5) is None
+    assert reconnect_delay(lost(), 0, 0.0, 0.5) is not None
+    assert reconnect_delay(psycopg.errors.AdminShutdown("terminating"), 0, 0.0, 0.5) is not None
 
 
 def test_retry_delays_grow_with_jitter_within_the_budget() -> None:
-    first = [retry_delay(lost(), 0, 0.0, j) for j in (0.0, 0.999)]
+    first = [reconnect_delay(lost(), 0, 0.0, j) for j in (0.0, 0.999)]
     assert all(d is not None and d > 0 for d in first)
     assert first[0] != first[1], "no jitter"
-    delays = [retry_delay(lost(), n, 0.0, 1.0) for n in range(6)]
+    delays = [reconnect_delay(lost(), n, 0.0, 1.0) for n in range(6)]
     assert all(d is not None for d in delays)
     assert delays == sorted(delays) and delays[-1] > delays[0]
     # Nothing past the budget, and never a wait that would overshoot it.
-    assert retry_delay(lost(), 3, WRITE_RETRY_BUDGET, 0.5) is None
-    near_end = retry_delay(lost(), 20, WRITE_RETRY_BUDGET - 0.1, 1.0)
+    assert reconnect_delay(lost(), 3, WRITE_RETRY_BUDGET, 0.5) is None
+    near_end = reconnect_delay(lost(), 20, WRITE_RETRY_BUDGET - 0.1, 1.0)
     assert near_end is not None and near_end <= 0.1 + 1e-9
     # Retrying at the largest delay until the budget is spent stays within it.
     waited, retries = 0.0, 0
-    while (delay := retry_delay(lost(), retries, waited, 1.0)) is not None:
+    while (delay := reconnect_delay(lost(), retries, waited, 1.0)) is not None:
         waited += delay
         retries += 1
     assert waited <= WRITE_RETRY_BUDGET

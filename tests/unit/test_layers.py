@@ -24,13 +24,21 @@ LAYERS = [
     "_app",  # configuration, registry, spawn batches: pure
     "_current",  # get_current_context
     "_outage",  # a worker loop's backoff while the database is away: pure
+    "_retry",  # which lost writes to retry, and when
+    "_runtime",  # what both worker runtimes decide alike
     "_engine",  # bind -> engine + session factory
-    "_db",  # Database: the I/O primitives
-    "_ops",  # multi-statement operations on a connection
-    "context",  # TaskContext
-    "_execute",  # Executor: claim, execute, outcome, sweep
-    "worker",  # the runtime: threads, listener, signals
-    "client",  # Absurd
+    "_db_async",  # AsyncDatabase: the I/O primitives (the source)
+    "_db",  # Database: generated from _db_async
+    "_ops_async",  # multi-statement operations on a connection (the source)
+    "_ops",  # generated
+    "context_async",  # AsyncTaskContext (the source)
+    "context",  # TaskContext, generated
+    "_execute_async",  # AsyncExecutor: claim, execute, outcome, sweep (the source)
+    "_execute",  # Executor, generated
+    "worker",  # the thread runtime: threads, listener, signals
+    "worker_async",  # the asyncio runtime
+    "client_async",  # AsyncAbsurd (the source)
+    "client",  # Absurd, generated
     "testing",
     "localpg",
     "migrate",

@@ -1,0 +1,229 @@
+"""The executor: claim runs, execute their handlers, record each outcome, and
+sweep expired leases. Everything a worker does per run, without the loop
+around it (``worker.py``) — ``work_batch`` is this module alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from sqlalchemy import Row
+from sqlalchemy.sql import Executable
+
+from . import _children, _ops_async
+from . import _sql_worker as sqlw
+from ._app import AppCore, WorkerSettings
+from ._current import running
+from ._db_async import AsyncDatabase
+from ._run import (
+    CLAIM_TIMEOUT_REASON,
+    SHUTDOWN_REASON,
+    ClaimedRun,
+    RunState,
+    fail_params,
+    failure_reason,
+)
+from .context_async import AsyncTaskContext
+from .errors import NotSerializable, TaskSignal
+
+log = logging.getLogger("absurd_sqla.worker")
+
+
+class AsyncExecutor:
+    """Claims and runs tasks of one app: its database and its registered handlers."""
+
+    def __init__(self, db: AsyncDatabase, core: AppCore) -> None:
+        self.db = db
+        self.core = core
+
+    async def claim(
+        self, queue: str, worker_id: str, claim_timeout: float, batch_size: int
+    ) -> list[ClaimedRun]:
+        rows = await self.db.all(
+            sqlw.claim,
+            {
+                "queue": queue,
+                "worker": worker_id,
+                "claim_timeout": claim_timeout,
+                "batch_size": batch_size,
+            },
+        )
+        return [ClaimedRun.from_row(row) for row in rows]
+
+    async def sweep_expired(self, queue: str) -> int:
+        """Fail runs whose lease expired as ``$ClaimTimeout`` (retrying per their task)."""
+        async with self.db.transaction() as conn:
+            expired = (await conn.execute(sqlw.expired_runs, {"queue": queue})).all()
+            for row in expired:
+                params = fail_params(
+                    row.run_id,
+                    row.queue_name,
+                    row.attempt,
+                    row.max_attempts,
+                    row.retry_strategy,
+                    CLAIM_TIMEOUT_REASON,
+                    require_lease=False,
+                )
+                result = (await conn.execute(sqlw.fail_run, params)).one()
+                if not result.retried:
+                    await _ops_async.announce_done(conn, row.task_id, row.queue_name, row.headers)
+        if expired:
+            log.warning("failed %d run(s) whose lease expired on queue %r", len(expired), queue)
+        return len(expired)
+
+    async def still_held(self, run: ClaimedRun, claim_timeout: float) -> bool:
+        """Renew the lease of a claimed run that waited its turn; False if it lapsed."""
+        row = await self.db.one(sqlw.heartbeat, {"run": run.run_id, "claim_timeout": claim_timeout})
+        return bool(row.owned)
+
+    async def work_batch(self, settings: WorkerSettings) -> int:
+        """Claim up to ``batch_size`` runs and execute them one after another."""
+        await self.sweep_expired(settings.queue)
+        claimed = await self.claim(
+            settings.queue, settings.worker_id, settings.claim_timeout, settings.batch_size
+        )
+        for position, run in enumerate(claimed):
+            # Runs wait their turn here: renew each lease before starting it, and
+            # skip a run whose lease ran out meanwhile (the sweep retries it).
+            if position and not await self.still_held(run, settings.claim_timeout):
+                log.warning("run %s lost its lease before it started; skipped", run.run_id)
+                continue
+            await self.execute(run, settings.worker_id, settings.claim_timeout)
+        return len(claimed)
+
+    async def execute(
+        self,
+        run: ClaimedRun,
+        worker_id: str,
+        claim_timeout: float,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        """Run one claimed run to completion, failure or suspension.
+
+        ``on_start`` is called just before the handler is (what a stopping
+        worker needs to know: a run whose handler never started costs no attempt).
+        """
+        state = RunState(run, worker_id, claim_timeout)
+        registration = self.core.registry.get(run.task_name)
+        violation = None if registration is None else run.policy_violation()
+        if registration is None or violation is not None:
+            try:
+                await self._turn_away(run, violation)
+            except Exception as exc:
+                # Never strand the rest of a batch: record this run's failure instead.
+                log.exception("could not hand back run %s", run.run_id)
+                await self._fail(state, exc)
+            return
+        ctx = AsyncTaskContext(self.db, self.core, state)
+        wrap = self.core.hooks.wrap_task
+
+        async def call() -> Any:
+            return await registration.handler(run.params, ctx)
+
+        if on_start is not None:
+            on_start()
+        try:
+            with running(ctx):
+                result = await wrap(ctx, call) if wrap is not None else await call()
+        except TaskSignal as signal_:
+            log.debug("run %s stopped: %r", run.run_id, signal_)
+            return
+        except Exception as exc:
+            await self._fail(state, exc)
+            return
+        try:
+            params = state.complete_params(result)
+        except NotSerializable as exc:
+            await self._fail(state, exc)
+            return
+        row = await self._record_outcome(
+            run, sqlw.complete_run, params, lambda row: bool(row.owned)
+        )
+        if not row.owned:
+            log.warning(
+                "discarded the result of run %s: it is %s and no longer held by this worker "
+                "(cancelled, failed, or its lease expired)",
+                run.run_id,
+                row.run_state,
+            )
+
+    async def release(
+        self, run: ClaimedRun, worker_id: str, claim_timeout: float, started: bool
+    ) -> None:
+        """Give back a run a stopping worker will not finish, claimable at once.
+
+        A run whose handler never started is handed back as if never claimed
+        (no attempt used); one whose handler started fails as
+        ``$WorkerShutdown`` and is retried at once while attempts remain. The
+        abandoned handler's later writes are fenced.
+        """
+        if not started:
+            await self.db.one(sqlw.defer_run, run.defer_params(delay=0.0))
+            return
+        state = RunState(run, worker_id, claim_timeout)
+        params = state.fail_params(SHUTDOWN_REASON, delay=0.0)
+        row = await self._record_outcome(
+            run, sqlw.fail_run, params, lambda row: bool(row.owned and not row.retried)
+        )
+        if row.owned:
+            log.warning(
+                "released run %s of task %s (attempt %d) unfinished: the worker stopped",
+                run.run_id,
+                run.task_id,
+                run.attempt,
+            )
+
+    async def _turn_away(self, run: ClaimedRun, violation: str | None) -> None:
+        """A run this worker must not start: its task is unknown here (no
+        ``violation``), or its cancellation policy says it is too late."""
+        if violation is not None:
+            log.info("cancelling task %s: %s", run.task_id, violation)
+            async with self.db.transaction() as conn:
+                await _ops_async.cancel(conn, self.core.task_params(run.task_id, None))
+            return
+        # Unknown here (e.g. mid-deploy): hand it back for a worker that knows it.
+        log.warning("no handler for task %r; deferring run %s", run.task_name, run.run_id)
+        await self.db.one(sqlw.defer_run, run.defer_params())
+
+    async def _record_outcome(
+        self,
+        run: ClaimedRun,
+        statement: Executable,
+        params: Mapping[str, Any],
+        finished: Callable[[Row[Any]], bool],
+    ) -> Row[Any]:
+        """Write a run's outcome; a child that ``finished`` also wakes its parent, in
+        the same transaction (otherwise the single statement runs in autocommit).
+        Retried on a lost connection (``Database.retrying``)."""
+
+        async def attempt() -> Row[Any]:
+            async with self.db.joined(None, atomic=_children.is_child(run.headers)) as conn:
+                row = (await conn.execute(statement, params)).one()
+                if finished(row):
+                    await _ops_async.announce_done(conn, run.task_id, run.queue_name, run.headers)
+            return row
+
+        return await self.db.retrying(statement, params, attempt)
+
+    async def _fail(self, state: RunState, exc: BaseException) -> None:
+        run = state.run
+        row = await self._record_outcome(
+            run,
+            sqlw.fail_run,
+            state.fail_params(failure_reason(exc)),
+            lambda row: bool(row.owned and not row.retried),
+        )
+        if not row.owned:
+            log.warning(
+                "could not record the failure of run %s: it is %s", run.run_id, row.run_state
+            )
+        else:
+            log.info(
+                "run %s of task %s failed (attempt %d): %r",
+                run.run_id,
+                run.task_id,
+                run.attempt,
+                exc,
+            )

@@ -1,0 +1,106 @@
+"""Operations that take more than one statement, on a connection the caller
+supplies (its own transaction or ours): spawn, emit, cancel, read a result,
+and announce a finished child. Shared by the client, the task context and the
+executor, so each decision is made in one place.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import _children, _sql
+from ._app import AppCore, SpawnBatch
+from ._core import SpawnResult, TaskResultSnapshot
+from .errors import QueueNotFound, TaskStateError
+from .models import TERMINAL_STATES
+
+
+async def spawn_many(
+    conn: AsyncConnection, core: AppCore, batches: Sequence[SpawnBatch]
+) -> list[SpawnResult]:
+    """Spawn validated batches (``AppCore.spawn_batches``): one statement per
+    queue; results in request order."""
+    results: list[tuple[int, SpawnResult]] = []
+    if len(batches) > 1:
+        # One missing queue must fail the call before any batch is written.
+        found = await conn.scalars(_sql.existing_queues, {"queues": [b.queue for b in batches]})
+        core.check_queues_exist(batches, found)
+    for batch in batches:
+        inserted = (await conn.execute(_sql.spawn, batch.params)).all()
+        existing: Sequence[Any] = ()
+        if len(inserted) < len(batch.rows) and batch.keys:
+            existing = (
+                await conn.execute(
+                    _sql.existing_by_keys, {"queue": batch.queue, "keys": batch.keys}
+                )
+            ).all()
+        results += core.spawn_results(batch, inserted, existing)
+    return [result for _, result in sorted(results, key=lambda pair: pair[0])]
+
+
+async def emit(conn: AsyncConnection, params: Mapping[str, Any]) -> bool:
+    """Emit an event (first emit wins) and wake its waiters. True if this emit won."""
+    row = (await conn.execute(_sql.emit_event, params)).one()
+    if not row.queue_found:
+        raise QueueNotFound(f"queue {params['queue']!r} does not exist", queue=params["queue"])
+    if not row.emitted:
+        return False
+    # A second statement: its fresh snapshot sees every waiter that committed
+    # while we waited for the event row's lock.
+    await conn.execute(_sql.wake_waiters, params)
+    return True
+
+
+CANCEL_ATTEMPTS = 50  # each retry follows a run another transaction created meanwhile
+
+
+async def cancel(conn: AsyncConnection, params: Mapping[str, Any]) -> bool:
+    """Cancel a live task and its runs (``AppCore.task_params``). False if it had finished.
+
+    Each attempt runs in a savepoint: an attempt whose snapshot missed the
+    task's newest run (a retry created while it waited) cancels nothing but
+    may hold the task row; rolling back to the savepoint releases it before
+    the next attempt locks that run, so the lock order run -> task holds.
+    """
+    for _ in range(CANCEL_ATTEMPTS):
+        async with conn.begin_nested() as savepoint:
+            row = (await conn.execute(_sql.cancel_task, params)).one()
+            AppCore.check_found(params, row.previous_state, row.task_queue)
+            if row.cancelled:
+                await announce_done(conn, params["task"], row.task_queue, row.headers)
+                return True
+            if row.previous_state in TERMINAL_STATES:
+                return False
+            await savepoint.rollback()
+    raise TaskStateError(
+        f"task {params['task']} kept changing while it was being cancelled; try again",
+        task_id=params["task"],
+    )
+
+
+async def fetch_result(
+    conn: AsyncConnection, params: Mapping[str, Any]
+) -> TaskResultSnapshot | None:
+    row = (await conn.execute(_sql.fetch_task_result, params)).one_or_none()
+    return AppCore.snapshot(params, row)
+
+
+async def announce_done(
+    conn: AsyncConnection, task_id: uuid.UUID, queue: str, headers: Mapping[str, Any] | None
+) -> None:
+    """A finished child emits its done event in the transaction that finished it."""
+    if not _children.is_child(headers):
+        return
+    snapshot = await fetch_result(conn, {"task": task_id, "queue": None})
+    if snapshot is None:
+        return
+    await emit(
+        conn,
+        AppCore.emit_params_for(
+            queue, _children.done_event(task_id), _children.done_payload(snapshot)
+        ),
+    )

@@ -1,0 +1,372 @@
+"""``AsyncAbsurd``: the client."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from asyncio import sleep as async_sleep
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from . import _core, _ops_async, _sql
+from ._app import AppCore, Hooks, WorkerSettings, check_async_handler
+from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot
+from ._db_async import AsyncDatabase, AsyncSessionLike
+from ._engine import AsyncBind
+from ._execute_async import AsyncExecutor
+from ._runtime import default_worker_id
+from .errors import InvalidArgument, TaskNotFound, TimeoutError
+from .worker_async import AsyncWorker, AsyncWorkers
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class AsyncAbsurd:
+    """Durable tasks on PostgreSQL.
+
+    ``bind`` is a URL, an engine (``AsyncEngine``) or a session factory
+    (``async_sessionmaker``);
+    without one, ``ABSURD_DATABASE_URL``, then ``PGDATABASE``, then
+    ``postgresql://localhost/absurd``.
+
+    Every write takes ``session=``: a session or connection (``AsyncSession``,
+    ``AsyncConnection``) whose
+    transaction the write joins without committing. Until the caller commits,
+    the task or event is invisible and no worker is woken; after a rollback it
+    never existed. Without ``session=`` the write commits on its own.
+    """
+
+    def __init__(
+        self,
+        bind: AsyncBind = None,
+        queue_name: str = "default",
+        default_max_attempts: int | None = 5,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self._core = AppCore(queue_name, default_max_attempts, hooks)
+        self._db = AsyncDatabase(bind)
+        self._executor = AsyncExecutor(self._db, self._core)
+        self._workers = AsyncWorkers()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._db.engine
+
+    @property
+    def session_factory(self) -> async_sessionmaker[AsyncSession]:
+        return self._db.session_factory
+
+    @property
+    def queue_name(self) -> str:
+        return self._core.queue_name
+
+    async def close(self) -> None:
+        """Dispose of the engine's connection pool (a passed Engine's too)."""
+        await self._db.close()
+
+    # -- queues --------------------------------------------------------------
+
+    async def create_queue(
+        self, name: str | None = None, *, session: AsyncSessionLike | None = None
+    ) -> None:
+        """Create the queue (a row; nothing happens if it exists)."""
+        async with self._db.joined(session) as conn:
+            await conn.execute(_sql.create_queue, {"queue": self._core.queue(name)})
+
+    async def drop_queue(
+        self, name: str | None = None, *, session: AsyncSessionLike | None = None
+    ) -> None:
+        """Delete the queue with every task, run, checkpoint and event in it."""
+        async with self._db.joined(session) as conn:
+            await conn.execute(_sql.drop_queue, {"queue": self._core.queue(name)})
+
+    async def list_queues(self) -> list[str]:
+        async with self._db.joined(None, atomic=False) as conn:
+            return list(await conn.scalars(_sql.list_queues))
+
+    # -- tasks ---------------------------------------------------------------
+
+    def register_task(
+        self,
+        name: str,
+        *,
+        queue: str | None = None,
+        max_attempts: int | None = None,
+        retry_strategy: Mapping[str, Any] | None = None,
+        cancellation: Mapping[str, Any] | None = None,
+        default_max_attempts: int | None = None,
+        default_cancellation: Mapping[str, Any] | None = None,
+    ) -> Callable[[F], F]:
+        """Register ``handler(params, ctx)`` under ``name``.
+
+        ``queue``, ``max_attempts``, ``retry_strategy`` and ``cancellation`` are
+        the task's defaults: every spawn of it uses them unless the spawn passes
+        its own. ``default_max_attempts`` / ``default_cancellation`` are the
+        original SDK's names for two of them. A name registered twice raises
+        :class:`~absurd_sqla.TaskAlreadyRegistered`.
+        """
+        max_attempts = _pick("max_attempts", max_attempts, default_max_attempts)
+        cancellation = _pick("cancellation", cancellation, default_cancellation)
+
+        def decorate(handler: F) -> F:
+            self._core.register(
+                name,
+                check_async_handler(name, handler),
+                queue=queue,
+                max_attempts=max_attempts,
+                retry_strategy=retry_strategy,
+                cancellation=cancellation,
+            )
+            return handler
+
+        return decorate
+
+    async def spawn(
+        self,
+        task_name: str,
+        params: Any = None,
+        *,
+        session: AsyncSessionLike | None = None,
+        max_attempts: int | None = None,
+        retry_strategy: Mapping[str, Any] | None = None,
+        headers: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        cancellation: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        run_after: datetime | float | timedelta | None = None,
+    ) -> SpawnResult:
+        """Enqueue one task. With ``session=`` it commits (or not) with the caller."""
+        request = SpawnRequest(
+            task_name,
+            params,
+            max_attempts,
+            retry_strategy,
+            headers,
+            queue,
+            cancellation,
+            idempotency_key,
+            run_after,
+        )
+        return (await self.spawn_many([request], session=session))[0]
+
+    async def spawn_many(
+        self, requests: Iterable[SpawnRequest], *, session: AsyncSessionLike | None = None
+    ) -> list[SpawnResult]:
+        """Enqueue many tasks: one statement per queue, results in request order.
+
+        Every request is checked before anything is written. With ``session=``
+        the tasks are invisible until the caller commits and gone on rollback.
+        """
+        batches = self._core.spawn_batches(requests)
+        # One queue is one statement: atomic on its own (the key lookup only reads).
+        async with self._db.joined(session, atomic=len(batches) > 1) as conn:
+            return await _ops_async.spawn_many(conn, self._core, batches)
+
+    async def cancel_task(
+        self,
+        task_id: uuid.UUID | str,
+        *,
+        session: AsyncSessionLike | None = None,
+        queue_name: str | None = None,
+    ) -> bool:
+        """Cancel the task and its live runs. False if it had already finished.
+
+        Running code stops at its next checkpoint, heartbeat or wait. With
+        ``session=`` the cancel is invisible until the caller commits.
+        """
+        params = self._core.task_params(task_id, queue_name)
+        async with self._db.joined(session) as conn:
+            return await _ops_async.cancel(conn, params)
+
+    async def retry_task(
+        self,
+        task_id: uuid.UUID | str,
+        *,
+        max_attempts: int | None = None,
+        spawn_new: bool = False,
+        queue_name: str | None = None,
+        session: AsyncSessionLike | None = None,
+    ) -> SpawnResult:
+        """Run a failed task again: a new attempt in place, or a new task (``spawn_new``).
+
+        In place, checkpoints are kept, so finished steps are not redone.
+        """
+        params = self._core.task_params(task_id, queue_name)
+        new_max = _core.check_max_attempts(max_attempts)
+        async with self._db.joined(session) as conn:
+            if spawn_new:
+                source = (await conn.execute(_sql.task_for_respawn, params)).one_or_none()
+                self._core.check_retryable(
+                    params,
+                    source.state if source else None,
+                    source.queue_name if source else None,
+                )
+                assert source is not None
+                return await self.spawn(
+                    source.task_name,
+                    source.params,
+                    session=conn,
+                    max_attempts=new_max or source.max_attempts,
+                    retry_strategy=source.retry_strategy,
+                    headers=source.headers,
+                    queue=source.queue_name,
+                    cancellation=source.cancellation,
+                )
+            new_run = _core.uuid7()
+            row = (
+                await conn.execute(
+                    _sql.retry_task, {**params, "new_run": new_run, "max_attempts": new_max}
+                )
+            ).one()
+            self._core.check_retryable(params, row.previous_state, row.task_queue)
+        return SpawnResult(params["task"], new_run, row.attempt, False)
+
+    async def cleanup(
+        self,
+        queue: str | None = None,
+        *,
+        older_than: float | timedelta = 7 * 86400,
+        limit: int = 1000,
+        session: AsyncSessionLike | None = None,
+    ) -> tuple[int, int]:
+        """Delete up to ``limit`` finished tasks and emitted events older than
+        ``older_than`` seconds. Returns (tasks, events) deleted; call again while
+        either equals ``limit``.
+        """
+        older = _core.check_seconds("older_than", older_than, allow_none=False)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidArgument(f"limit must be a whole number >= 1, got {limit!r}")
+        async with self._db.joined(session) as conn:
+            params = {"queue": self._core.queue(queue), "older_than": older, "limit": limit}
+            row = (await conn.execute(_sql.cleanup, params)).one()
+        return int(row.tasks), int(row.events)
+
+    async def fetch_task_result(
+        self, task_id: uuid.UUID | str, queue_name: str | None = None
+    ) -> TaskResultSnapshot | None:
+        """The task's state now, or None if there is no such task."""
+        params = self._core.task_params(task_id, queue_name)
+        async with self._db.joined(None, atomic=False) as conn:
+            return await _ops_async.fetch_result(conn, params)
+
+    async def await_task_result(
+        self,
+        task_id: uuid.UUID | str,
+        timeout: float | None = None,
+        queue_name: str | None = None,
+    ) -> TaskResultSnapshot:
+        """Wait until the task is completed, failed or cancelled."""
+        task = _core.check_task_id(task_id)
+        limit = _core.check_seconds("timeout", timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        next_delay = _core.poll_delays()
+        while True:
+            snapshot = await self.fetch_task_result(task, queue_name)
+            if snapshot is None:
+                raise TaskNotFound(f"task {task} not found", task_id=task)
+            if snapshot.terminal:
+                return snapshot
+            delay = next_delay()
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"task {task} still {snapshot.state} after {timeout}s",
+                        task_id=task,
+                        state=snapshot.state,
+                    )
+                delay = min(delay, remaining)
+            await async_sleep(delay)
+
+    # -- events --------------------------------------------------------------
+
+    async def emit_event(
+        self,
+        event_name: str,
+        payload: Any = None,
+        *,
+        session: AsyncSessionLike | None = None,
+        queue_name: str | None = None,
+    ) -> bool:
+        """Emit an event; the first emit of a name wins. True if this one did.
+
+        Every run waiting on the name is woken, in the same transaction.
+        """
+        params = self._core.emit_params(event_name, payload, queue_name)
+        async with self._db.joined(session) as conn:
+            return await _ops_async.emit(conn, params)
+
+    # -- workers -------------------------------------------------------------
+
+    async def work_batch(
+        self,
+        worker_id: str = "worker",
+        claim_timeout: float = 120,
+        batch_size: int = 1,
+        *,
+        queue: str | None = None,
+    ) -> int:
+        """Claim up to ``batch_size`` runs, run each to completion or suspension
+        in this thread, and return how many were claimed."""
+        settings = WorkerSettings.checked(
+            self._core.queue(queue), worker_id, claim_timeout, batch_size
+        )
+        return await self._executor.work_batch(settings)
+
+    async def start_worker(
+        self,
+        worker_id: str | None = None,
+        claim_timeout: float = 120,
+        concurrency: int = 1,
+        batch_size: int | None = None,
+        poll_interval: float = 0.25,
+        *,
+        queue: str | None = None,
+        shutdown_timeout: float | None = None,
+    ) -> None:
+        """Run until :meth:`stop_worker`, SIGTERM or SIGINT; in-flight tasks finish.
+
+        Shutdown has two stages: a stop (:meth:`stop_worker`, SIGTERM, SIGINT)
+        claims nothing more and waits for in-flight handlers;
+        ``stop_worker(now=True)``, a second signal, or ``shutdown_timeout``
+        seconds after the first stop, stops now and releases the unfinished
+        runs (claimable again at once; a run whose handler never started costs
+        no attempt, one that started fails as ``$WorkerShutdown`` and is
+        retried at once).
+
+        May run in a background thread (signal handlers are installed only
+        from the main thread). ``concurrency`` handlers run at once, in threads.
+        A :meth:`stop_worker` that came while no worker was running is not
+        lost: this call then returns at once (the "start a thread, stop it"
+        race).
+        """
+        settings = WorkerSettings.checked(
+            self._core.queue(queue),
+            worker_id if worker_id is not None else default_worker_id(),
+            claim_timeout,
+            batch_size if batch_size is not None else concurrency,
+            concurrency,
+            poll_interval,
+            shutdown_timeout,
+        )
+        await self._workers.run(AsyncWorker(self._executor, settings))
+
+    def stop_worker(self, *, now: bool = False) -> None:
+        """Ask every worker of this client to stop (from any thread, without await).
+
+        Each claims nothing more and returns once its in-flight handlers finish;
+        with ``now=True`` it releases them at once instead (see
+        :meth:`start_worker`). With no worker running, the next
+        :meth:`start_worker` returns at once.
+        """
+        self._workers.stop(now=now)
+
+
+def _pick(name: str, value: Any, original_name_value: Any) -> Any:
+    """A register_task option given by its name or by the original SDK's ``default_`` name."""
+    if value is not None and original_name_value is not None:
+        raise InvalidArgument(f"pass {name}= or default_{name}=, not both")
+    return value if value is not None else original_name_value
