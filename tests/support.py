@@ -7,12 +7,14 @@ usually) and fails the test with a message when its deadline passes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import functools
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from absurd_sqla import AsyncAbsurd
 from absurd_sqla._run import ClaimedRun
 from absurd_sqla.models import runs, tasks, waits
 
@@ -200,3 +203,31 @@ class Outcome:
         self.thread.join(DEADLINE)
         assert not self.thread.is_alive(), "thread still blocked"
         return self
+
+
+# -- asyncio ---------------------------------------------------------------------------
+
+
+def run_async(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an ``async def`` test in a fresh event loop (``asyncio.run``); its
+    fixtures are resolved as usual (the signature is the coroutine function's)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+@contextlib.asynccontextmanager
+async def async_app_for(url: str, **kwargs: Any) -> AsyncIterator[AsyncAbsurd]:
+    """An ``AsyncAbsurd`` on ``url`` with its default queue, closed at the end.
+
+    Made inside the test's event loop: async connections belong to the loop
+    that opened them, so a client is never shared between tests."""
+    app = AsyncAbsurd(url, **kwargs)
+    try:
+        await app.create_queue()
+        yield app
+    finally:
+        await app.close()
