@@ -39,6 +39,16 @@ Users copy these blocks, so they must work. The convention:
   terminal. After the file's last block the runner waits until the workers'
   queues are idle (no run running, none due), then stops and joins them. Calls
   from a doc's own threads run unchanged.
+- **asyncio.** A block may run coroutines with ``asyncio.run(...)``, each in a
+  fresh event loop. ``AsyncAbsurd.start_worker(...)`` called outside any event
+  loop (``asyncio.run(app.start_worker(...))``: an async worker script) runs the
+  real worker until its queue is idle (no run running, none due), then stops it
+  and closes the client's pool, as the process would end; called inside a
+  running loop (``asyncio.create_task(app.start_worker())`` in a lifespan) it runs
+  unchanged. A file whose ``app`` is an ``AsyncAbsurd`` has no handlers spawned
+  for it: its blocks spawn and run their own, and every task on that app's
+  queue must end ``completed`` or ``sleeping``. An ``AsyncAbsurd`` or
+  ``AsyncEngine`` left in the namespace is closed in a loop of its own.
 - **Handler bodies run too.** After the last block, the handlers listed in
   ``HANDLERS`` for the file are spawned on its ``app``, and everything due on
   ``app``'s queue (the doc's own spawns included) runs with ``run_until_idle``;
@@ -55,6 +65,7 @@ into the Markdown file at the block's lines.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import inspect
 import json
@@ -69,23 +80,24 @@ import time
 import traceback
 import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import Engine, ForeignKey, create_engine, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
 
-from absurd_sqla import Absurd
+from absurd_sqla import Absurd, AsyncAbsurd
 from absurd_sqla.testing import run_until_idle
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 # Pinned so that blocks that don't run cannot quietly multiply.
-EXPECTED_NOT_RUN = 4
+EXPECTED_NOT_RUN = 5
 # A broken extractor must not pass by finding nothing.
 MIN_BLOCKS = 50
 
@@ -199,6 +211,26 @@ class Shipment(DocBase):
     tracking_number: Mapped[str]
 
 
+class Invoice(DocBase):
+    """With a relationship: what docs/howto/asyncio.md must not lazy-load."""
+
+    __tablename__ = "doc_invoices"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str]
+    status: Mapped[str] = mapped_column(default="open")
+    lines: Mapped[list[InvoiceLine]] = relationship(back_populates="invoice")
+
+
+class InvoiceLine(DocBase):
+    __tablename__ = "doc_invoice_lines"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    invoice_id: Mapped[int] = mapped_column(ForeignKey(Invoice.id))
+    amount: Mapped[int]
+    invoice: Mapped[Invoice] = relationship(back_populates="lines")
+
+
 # -- preludes --------------------------------------------------------------------
 
 
@@ -306,6 +338,27 @@ def events(env: DocEnv) -> dict[str, Any]:
     }
 
 
+def asyncio_guide(env: DocEnv) -> dict[str, Any]:
+    with env.sessions().begin() as session:
+        lines = [InvoiceLine(amount=4000), InvoiceLine(amount=200)]
+        session.add(Invoice(id=1, email="ada@example.com", lines=lines))
+
+    async def charge(order_id: int) -> dict[str, str]:
+        return {"payment_id": f"pay-{order_id}"}
+
+    async def send_receipt(*args: Any) -> dict[str, Any]:
+        return _sent(*args)
+
+    return {
+        "Order": Order,
+        "Invoice": Invoice,
+        "InvoiceLine": InvoiceLine,
+        "psp": _stub(charge=charge),
+        "mailer": _stub(send_receipt=send_receipt),
+        "legacy_rates": _stub(fetch=lambda currency: {"EUR": 0.92}[currency]),
+    }
+
+
 def reference(env: DocEnv) -> dict[str, Any]:
     return {"Absurd": Absurd}  # the block is the constructor's signature: call it
 
@@ -351,6 +404,7 @@ PRELUDES: dict[str, Callable[[DocEnv], dict[str, Any]]] = {
     "docs/reference.md": reference,
     "docs/howto/cancellation.md": cancellation,
     "docs/howto/child-tasks.md": child_tasks,
+    "docs/howto/asyncio.md": asyncio_guide,
 }
 
 # Handlers a file registers but does not spawn: after its last block they are
@@ -375,6 +429,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     "docs/tutorial.md": ("tasks",),
     "docs/howto/testing.md": ("myapp", "myapp.tasks"),
     "docs/howto/workers.md": ("myapp", "myapp.tasks"),
+    "docs/howto/asyncio.md": ("myapp", "myapp.tasks"),
 }
 
 # Files that migrate and downgrade get an empty database of their own, and
@@ -417,6 +472,20 @@ class BackgroundWorkers:
 
         monkeypatch.setattr(Absurd, "start_worker", start_worker)
 
+        original_async = AsyncAbsurd.start_worker
+        signature_async = inspect.signature(original_async)
+
+        def start_async_worker(app: AsyncAbsurd, *args: Any, **kwargs: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # asyncio.run(app.start_worker(...)): a worker script
+                bound = signature_async.bind(app, *args, **kwargs)  # bad arguments raise here
+                queue = bound.arguments.get("queue") or app.queue_name
+                return run_async_worker_until_idle(app, queue, original_async(app, *args, **kwargs))
+            return original_async(app, *args, **kwargs)  # a task in the doc's own loop
+
+        monkeypatch.setattr(AsyncAbsurd, "start_worker", start_async_worker)
+
     def drain_and_stop(self, engine: Engine) -> None:
         """Wait until the started workers' queues are idle, then stop the workers."""
         queues = [queue for _, queue, thread in self.started if thread.is_alive()]
@@ -435,13 +504,36 @@ class BackgroundWorkers:
             assert not thread.is_alive(), "a worker started by a doc did not stop"
 
 
+BUSY_RUNS = text(
+    "SELECT count(*) FROM absurd.runs WHERE queue_name = ANY(:queues) AND "
+    "(state = 'running' OR (state IN ('pending', 'sleeping') AND available_at <= absurd.now()))"
+)
+
+
 def busy_runs(engine: Engine, queues: list[str]) -> int:
-    query = text(
-        "SELECT count(*) FROM absurd.runs WHERE queue_name = ANY(:queues) AND "
-        "(state = 'running' OR (state IN ('pending', 'sleeping') AND available_at <= absurd.now()))"
-    )
     with engine.connect() as conn:
-        return int(conn.scalar(query, {"queues": queues}) or 0)
+        return int(conn.scalar(BUSY_RUNS, {"queues": queues}) or 0)
+
+
+async def run_async_worker_until_idle(
+    app: AsyncAbsurd, queue: str, worker: Coroutine[Any, Any, None], timeout: float = 15
+) -> None:
+    """Run ``worker`` (the real ``start_worker`` coroutine) until ``queue`` is idle,
+    then stop it and close the client's pool: the worker process has ended."""
+    task = asyncio.create_task(worker)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            async with app.engine.connect() as conn:
+                busy = await conn.scalar(BUSY_RUNS, {"queues": [queue]})
+            if not busy or task.done():
+                break
+            assert time.monotonic() < deadline, f"timed out waiting for idle queue {queue!r}"
+            await asyncio.sleep(0.02)  # polling the condition, with a deadline
+    finally:
+        app.stop_worker()
+        await asyncio.wait_for(task, timeout)  # re-raises what the worker raised
+        await app.close()
 
 
 def wait_for(condition: Callable[[], bool], *, what: str, timeout: float = 15) -> None:
@@ -491,6 +583,9 @@ def run_in_task(block: Block, namespace: dict[str, Any], runner: Absurd) -> None
 def run_handlers(rel: str, namespace: dict[str, Any], workers: BackgroundWorkers) -> None:
     """Spawn the file's registered handlers and run everything due on its ``app``."""
     app = namespace.get("app")
+    if isinstance(app, AsyncAbsurd):
+        check_async_tasks_done(rel, app)
+        return
     if not isinstance(app, Absurd) or workers.started:
         return  # no app, or the doc's own workers already ran its tasks
     spawned = {name: app.spawn(name, params) for name, params in HANDLERS.get(rel, {}).items()}
@@ -500,6 +595,23 @@ def run_handlers(rel: str, namespace: dict[str, Any], workers: BackgroundWorkers
         assert snapshot is not None, name
         # Never claimed (no handler has the name), or failed: both are doc bugs.
         assert snapshot.state in {"completed", "sleeping"}, (rel, name, snapshot)
+
+
+def check_async_tasks_done(rel: str, app: AsyncAbsurd) -> None:
+    """A file whose ``app`` is an ``AsyncAbsurd`` runs its own tasks: each must be done."""
+
+    async def states() -> list[tuple[str, str]]:
+        query = text("SELECT task_name, state FROM absurd.tasks WHERE queue_name = :queue")
+        try:
+            async with app.engine.connect() as conn:
+                return [tuple(row) for row in await conn.execute(query, {"queue": app.queue_name})]
+        finally:
+            await app.engine.dispose()  # this loop's connections end with it
+
+    found = asyncio.run(states())
+    assert found, f"{rel}: its blocks ran no task on {app.queue_name!r}"
+    undone = [(name, state) for name, state in found if state not in {"completed", "sleeping"}]
+    assert not undone, f"{rel}: tasks not done after the last block: {undone}"
 
 
 def failed_tasks(engine: Engine, expected: set[uuid.UUID]) -> list[tuple[str, Any]]:
@@ -567,6 +679,9 @@ def close_all(objects: list[Any]) -> None:
             obj.close()
         elif isinstance(obj, Engine):
             obj.dispose()
+        elif isinstance(obj, AsyncAbsurd | AsyncEngine):
+            close = obj.close() if isinstance(obj, AsyncAbsurd) else obj.dispose()
+            asyncio.run(close)  # in a loop of its own: the doc's loops have ended
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=doc_id)
