@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import _core
+from . import _children, _core
 from ._core import SpawnRequest, SpawnResult, TaskDefaults, TaskResultSnapshot
 from ._sql import channel_for
 from .errors import (
@@ -196,9 +196,17 @@ class AppCore:
         grouped: dict[str, SpawnBatch] = {}
         for position, request in enumerate(requests):
             if not isinstance(request, SpawnRequest):
-                raise InvalidArgument(f"spawn_many takes SpawnRequest items, got {request!r}")
+                raise InvalidArgument(
+                    f"spawn_many takes SpawnRequest items, got {_core.show(request)}"
+                )
             if self.hooks.before_spawn is not None:
                 request = self.hooks.before_spawn(request)
+                if not isinstance(request, SpawnRequest):
+                    raise InvalidArgument(
+                        f"hooks.before_spawn must return a SpawnRequest, got {_core.show(request)}"
+                    )
+            # The name first: the registry lookup below needs a hashable one.
+            _core.check_name("task name", request.task_name)
             defaults = self.defaults_for(request.task_name, request.queue)
             batch = grouped.setdefault(defaults.queue, SpawnBatch(defaults.queue, [], []))
             batch.rows.append(_core.spawn_row(request, defaults, position))
@@ -250,10 +258,16 @@ class AppCore:
 
     @staticmethod
     def emit_params_for(queue: str, event_name: str, payload: Any) -> dict[str, Any]:
+        _core.check_name("event name", event_name)
+        # A finished child's done event wraps its result (checked when it was
+        # stored) one level deeper: {"state": ..., "result": ...}.
+        depth = _core.MAX_JSON_DEPTH
+        if event_name.startswith(_children.TASK_EVENT_PREFIX):
+            depth += 1
         return {
             "queue": queue,
-            "event": _core.check_name("event name", event_name),
-            "payload_json": _core.encode_json("event payload", payload),
+            "event": event_name,
+            "payload_json": _core.encode_json("event payload", payload, max_depth=depth),
             "channel": channel_for(queue),
         }
 

@@ -36,7 +36,10 @@ def done_event(task_id: uuid.UUID | str) -> str:
 
 
 def child_headers(headers: Mapping[str, Any] | None, parent_id: uuid.UUID) -> dict[str, Any]:
-    """The caller's headers plus the parent's id."""
+    """The caller's headers plus the parent's id. Headers that are not a mapping
+    are refused as ``spawn`` refuses them, before anything is merged."""
+    if headers is not None and not isinstance(headers, Mapping):
+        raise InvalidArgument(f"headers must be a dict, got {_core.show(headers)}")
     return {**(headers or {}), PARENT_HEADER: str(parent_id)}
 
 

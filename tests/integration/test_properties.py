@@ -14,18 +14,18 @@ input must get, so a refusal of a good input fails too.
 Round trips compare types as well as values: ``1`` and ``1.0`` and ``True``
 differ. Tuples are stored as JSON arrays and come back as lists. ``-0.0``
 comes back as ``0.0`` (``jsonb`` numbers have no negative zero; equal in
-Python, so accepted).
+Python, so accepted). A float of magnitude 1e16 or more comes back as an
+int, the float's shortest decimal spelling written out (``jsonb`` stores
+numbers as ``numeric`` and prints them without an exponent; documented in
+docs/reference.md). A ``timedelta`` in a policy is stored as float seconds.
 
-Known defects are kept out of the generated inputs (see ``known_issues``) and
-pinned by the strict xfail tests at the end, one per defect, so fixing one
-makes its test pass and fail as XPASS until its exclusion is removed. Set
-``ABSURD_PROPERTIES_KNOWN_ISSUES=1`` to generate them anyway.
+The defects these tests found are fixed; the inputs that found them are
+generated like any other, and kept as plain examples at the end.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 import uuid
@@ -61,10 +61,10 @@ from absurd_sqla.models import checkpoints, events, tasks
 from absurd_sqla.testing import FakeClock, run_until_idle
 from tests.support import Order
 
-INCLUDE_KNOWN_ISSUES = os.environ.get("ABSURD_PROPERTIES_KNOWN_ISSUES") == "1"
-
 MAX_INT = 2**31 - 1
 MAX_SECONDS = 100 * 365 * 86400
+MAX_JSON_DEPTH = 512  # levels of lists and dicts (docs/reference.md, "Errors")
+MAX_RETRY_FACTOR = 1e6
 NOW = datetime(2030, 1, 1, tzinfo=UTC)  # the database clock, frozen
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 QUEUES = ("default", "other")  # exist in every example; "missing" never does
@@ -137,6 +137,12 @@ def counts(bind: Engine | Session) -> tuple[int, ...]:
 GOOD_WRITE = (0, 1, 1, 0, 0, 0, 1)  # what the known-good write adds: a task, its run, an order
 
 
+def note(event: str) -> None:
+    """A hypothesis event (statistics), when called from a property."""
+    if hypothesis.currently_in_test_context():
+        hypothesis.event(event)
+
+
 @dataclass
 class Refused:
     error: BaseException
@@ -160,9 +166,9 @@ def in_transaction(db: Db, app: Absurd, call: Callable[[Session], Any], allowed:
                 session.add(Order(email="known-good@example.com", amount=1))
                 app.spawn("known-good", {"ok": True}, session=session)
                 refused = Refused(exc)
-                hypothesis.event(f"refused: {type(exc).__name__}")
+                note(f"refused: {type(exc).__name__}")
             else:
-                hypothesis.event("accepted")
+                note("accepted")
                 return result
         after = counts(db.engine)
     assert after == tuple(b + g for b, g in zip(before, GOOD_WRITE, strict=True))
@@ -194,11 +200,11 @@ def queue_ok(name: object) -> bool:
 def json_ok(value: object) -> bool:
     """Storable as JSON: JSON types only (tuples too), string keys, finite
     floats, ints ``json.dumps`` can print, strings without NUL or lone
-    surrogates, nesting well within the recursion limit."""
-    stack = [(value, 0)]
+    surrogates, lists and dicts nested at most MAX_JSON_DEPTH levels."""
+    stack = [(value, 1)]  # (item, how many levels deep a list or dict here is)
     while stack:
         item, depth = stack.pop()
-        if depth > sys.getrecursionlimit() - 100:
+        if isinstance(item, list | tuple | dict) and depth > MAX_JSON_DEPTH:
             return False
         if item is None or isinstance(item, bool):
             continue
@@ -223,40 +229,42 @@ def json_ok(value: object) -> bool:
     return True
 
 
-def stored(value: Any) -> Any:
-    """What JSON storage gives back: tuples become lists."""
-    if isinstance(value, dict):
-        return {key: stored(child) for key, child in value.items()}
-    if isinstance(value, list | tuple):
-        return [stored(child) for child in value]
-    return value
-
-
 def same(expected: Any, actual: Any) -> bool:
-    """Equal, and of the same JSON type (``True`` is not ``1``, ``1`` is not ``1.0``)."""
-    if isinstance(expected, dict):
-        return (
-            type(actual) is dict
-            and expected.keys() == actual.keys()
-            and all(same(expected[key], actual[key]) for key in expected)
-        )
-    if isinstance(expected, list):
-        return (
-            type(actual) is list
-            and len(expected) == len(actual)
-            and all(same(e, a) for e, a in zip(expected, actual, strict=True))
-        )
-    return type(expected) is type(actual) and expected == actual
+    """``actual`` is what JSON storage gives back for ``expected``: equal, and of
+    the same JSON type (``True`` is not ``1``, ``1`` is not ``1.0``); tuples
+    come back as lists, floats of magnitude 1e16 or more as ints. Walked
+    without recursion: values nest up to MAX_JSON_DEPTH levels."""
+    stack = [(expected, actual)]
+    while stack:
+        want, got = stack.pop()
+        if isinstance(want, dict):
+            if type(got) is not dict or want.keys() != got.keys():
+                return False
+            stack.extend((want[key], got[key]) for key in want)
+        elif isinstance(want, list | tuple):
+            if type(got) is not list or len(want) != len(got):
+                return False
+            stack.extend(zip(want, got, strict=True))
+        elif type(want) is float and abs(want) >= 1e16:
+            # jsonb prints numeric without an exponent: 1e23 comes back as
+            # 10**23, an int that converts back to the same float.
+            if type(got) is not int or float(got) != want:
+                return False
+        elif type(want) is not type(got) or want != got:
+            return False
+    return True
 
 
 def assert_round_trip(expected: Any, actual: Any) -> None:
-    assert same(stored(expected), actual), f"stored {expected!r:.300}, read back {actual!r:.300}"
+    assert same(expected, actual), f"stored {expected!r:.300}, read back {actual!r:.300}"
 
 
 def seconds_ok(value: object, *, positive: bool = False) -> bool:
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, float) and not math.isfinite(value):
         return False
     low_ok = value > 0 if positive else value >= 0
     return low_ok and value <= MAX_SECONDS
@@ -264,6 +272,11 @@ def seconds_ok(value: object, *, positive: bool = False) -> bool:
 
 def seconds_of(value: float | timedelta) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def as_stored(policy: Mapping[str, Any]) -> dict[str, Any]:
+    """A policy as stored: timedeltas as float seconds, other values as given."""
+    return {k: v.total_seconds() if isinstance(v, timedelta) else v for k, v in policy.items()}
 
 
 def max_attempts_ok(value: object) -> bool:
@@ -286,7 +299,9 @@ def retry_ok(strategy: object) -> bool:
         if strategy.get(key) is not None and not seconds_ok(strategy[key]):
             return False
     factor = strategy.get("factor", 2)
-    return isinstance(factor, int | float) and not isinstance(factor, bool) and factor >= 1
+    if isinstance(factor, bool) or not isinstance(factor, int | float):
+        return False
+    return 1 <= factor <= MAX_RETRY_FACTOR  # False for NaN
 
 
 def cancellation_ok(policy: object) -> bool:
@@ -298,8 +313,15 @@ def cancellation_ok(policy: object) -> bool:
 
 
 def run_after_ok(value: object) -> bool:
+    """An aware datetime that exists in UTC (it is stored as UTC), or seconds."""
     if isinstance(value, datetime):
-        return value.utcoffset() is not None
+        if value.utcoffset() is None:
+            return False
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            return False
+        return True
     return value is None or seconds_ok(value)
 
 
@@ -325,63 +347,6 @@ def spawn_refusal(kwargs: Mapping[str, Any]) -> type[BaseException] | None:
     if (queue or "default") not in QUEUES:
         return QueueNotFound
     return None
-
-
-# -- known defects, kept out of the generated inputs (each has an xfail test below) --
-
-
-def huge_int(value: object) -> bool:
-    return isinstance(value, int) and abs(value) > 1e308
-
-
-def bad_factor(strategy: object) -> bool:
-    """A non-finite or unprintable retry factor passes the check, then breaks
-    the spawn statement (test_retry_factor_*)."""
-    factor = strategy.get("factor") if isinstance(strategy, Mapping) else None
-    if isinstance(factor, float):
-        return not math.isfinite(factor)
-    return isinstance(factor, int) and abs(factor) >= 10 ** sys.get_int_max_str_digits()
-
-
-def policy_issue(policy: object) -> bool:
-    """timedelta values (test_timedelta_in_a_policy), unknown keys that do not
-    sort (test_unknown_policy_keys_of_mixed_types), ints too big for a float
-    (test_seconds_too_big_for_a_float)."""
-    if not isinstance(policy, Mapping):
-        return False
-    unknown = set(policy) - RETRY_KEYS - {"max_delay", "max_duration"}
-    try:
-        sorted(unknown)
-    except TypeError:
-        return True
-    return any(isinstance(v, timedelta) or huge_int(v) for v in policy.values())
-
-
-def run_after_issue(value: object) -> bool:
-    """Offsets PostgreSQL cannot parse (test_run_after_with_an_offset_postgres_refuses)
-    and ints too big for a float (test_seconds_too_big_for_a_float)."""
-    if isinstance(value, datetime) and value.utcoffset() is not None:
-        offset = value.utcoffset()
-        assert offset is not None
-        return abs(offset) >= timedelta(hours=16) or offset.microseconds != 0
-    return huge_int(value)
-
-
-def known_issues(kwargs: Mapping[str, Any], *, in_task: bool = False) -> bool:
-    """Spawn arguments that hit a known defect (``in_task``: of ``ctx.spawn``,
-    which cannot take headers that are not a mapping:
-    test_ctx_spawn_with_headers_that_are_not_a_mapping)."""
-    if INCLUDE_KNOWN_ISSUES:
-        return False
-    headers = kwargs.get("headers")
-    return (
-        bad_factor(kwargs.get("retry_strategy"))
-        or policy_issue(kwargs.get("retry_strategy"))
-        or policy_issue(kwargs.get("cancellation"))
-        or run_after_issue(kwargs.get("run_after"))
-        or not isinstance(kwargs.get("task_name"), str | int | float | bytes | None)
-        or (in_task and headers is not None and not isinstance(headers, Mapping))
-    )
 
 
 # -- strategies ----------------------------------------------------------------------
@@ -435,19 +400,16 @@ hostile_text = st.one_of(
 )
 non_str = st.one_of(st.none(), st.integers(), st.floats(), st.binary(max_size=4))
 hostile_keys = hostile_text | non_str  # hashable: for dict keys
-hostile_names = hostile_keys
-if INCLUDE_KNOWN_ISSUES:  # unhashable: KNOWN_DEFECTS["unhashable_task_name"]
-    hostile_names = hostile_names | st.lists(st.integers(), max_size=2)
+hostile_names = hostile_keys | st.lists(st.integers(), max_size=2)  # unhashable too
 queue_names = st.one_of(
     st.sampled_from([*QUEUES, "missing", "Q.1-x_", "a" * 56, "a" * 57, "-a", ".a", "a b", "a\n"]),
     st.from_regex(QUEUE_NAME, fullmatch=True),
     hostile_names,
 )
 
-if INCLUDE_KNOWN_ISSUES:
-    json_floats = st.floats()
-else:  # test_big_floats_come_back_as_ints
-    json_floats = st.floats(min_value=-1e16, max_value=1e16, exclude_min=True, exclude_max=True)
+json_floats = st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [1e16, -1e16, 1e23, 9007199254740993.0, 1.7976931348623157e308]
+)
 any_floats = json_floats | st.sampled_from([math.nan, math.inf, -math.inf, -0.0])
 json_ints = st.one_of(
     st.integers(),
@@ -501,50 +463,50 @@ def nested(depth: int, leaf: Any) -> Any:
 
 
 clean_json = json_values(clean_text, hostile=False)
-# Nesting: shallow, or far past the recursion limit (always refused). Depths near
-# the limit are test_nesting_near_the_recursion_limit.
+# Nesting: shallow, around the documented maximum, just under the recursion
+# limit (where json.dumps still succeeds), or far past it.
 deep_json = st.builds(
     nested,
-    st.integers(0, 300) | st.integers(3 * sys.getrecursionlimit(), 4 * sys.getrecursionlimit()),
+    st.integers(0, 300)
+    | st.integers(MAX_JSON_DEPTH - 12, MAX_JSON_DEPTH + 2)
+    | st.integers(sys.getrecursionlimit() - 40, sys.getrecursionlimit() + 5)
+    | st.integers(3 * sys.getrecursionlimit(), 4 * sys.getrecursionlimit()),
     clean_json,
 )
 any_json = st.one_of(clean_json, json_values(hostile_text, hostile=True), deep_json)
 
 any_numbers = st.one_of(
     st.integers(min_value=-(10**300), max_value=10**300),
+    st.integers(),
     any_floats,
     st.floats(),
     st.sampled_from([0, -1, MAX_SECONDS, MAX_SECONDS + 1, True, "60", None]),
+    st.sampled_from([10**400, -(10**400), 2**1024, 10**4300]),  # no float is this big
 )
-if INCLUDE_KNOWN_ISSUES:
-    any_numbers = any_numbers | st.integers()
 good_seconds = st.one_of(
     st.floats(min_value=0, max_value=MAX_SECONDS),
     st.integers(min_value=0, max_value=MAX_SECONDS),
 )
-aware_timezones = st.builds(
+# Every offset Python allows, including those PostgreSQL would not parse (16 h
+# or more, or with microseconds): run_after is stored as the instant in UTC.
+aware_timezones = st.timezones() | st.builds(
     timezone,
     st.timedeltas(
-        min_value=timedelta(hours=-15, minutes=-59), max_value=timedelta(hours=15, minutes=59)
-    ).map(lambda d: timedelta(seconds=int(d.total_seconds()))),
+        min_value=-timedelta(hours=23, minutes=59, seconds=59, microseconds=999999),
+        max_value=timedelta(hours=23, minutes=59, seconds=59, microseconds=999999),
+    ),
 )
-if INCLUDE_KNOWN_ISSUES:
-    aware_timezones = st.timezones() | st.builds(
-        timezone, st.timedeltas(min_value=-timedelta(hours=23), max_value=timedelta(hours=23))
-    )
 aware_datetimes = st.datetimes(timezones=aware_timezones)
 
 good_retry = st.none() | st.fixed_dictionaries(
     {"kind": st.sampled_from(["fixed", "exponential", "none"])},
     optional={
         "base_seconds": good_seconds,
-        "factor": st.floats(min_value=1, max_value=1e6) | st.integers(1, 10),
+        "factor": st.floats(min_value=1, max_value=MAX_RETRY_FACTOR) | st.integers(1, 10**6),
         "max_seconds": good_seconds,
     },
 )
-policy_values = any_numbers | hostile_text
-if INCLUDE_KNOWN_ISSUES:
-    policy_values = policy_values | st.timedeltas()
+policy_values = any_numbers | hostile_text | st.timedeltas()
 any_retry = st.one_of(
     st.dictionaries(
         st.sampled_from(["kind", "base_seconds", "factor", "max_seconds", "extra"]) | hostile_keys,
@@ -614,12 +576,6 @@ def spawn_kwargs(draw: st.DrawFn, names: tuple[str, ...] = tuple(GOOD_SPAWN)) ->
     return kwargs
 
 
-def without_known_issues(
-    strategy: st.SearchStrategy[dict[str, Any]], *, in_task: bool = False
-) -> st.SearchStrategy[dict[str, Any]]:
-    return strategy.filter(lambda kwargs: not known_issues(kwargs, in_task=in_task))
-
-
 # -- round trips ---------------------------------------------------------------------
 
 
@@ -653,9 +609,9 @@ def assert_spawned(
     max_attempts = kwargs.get("max_attempts")
     assert row.max_attempts == (DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts)
     retry = kwargs.get("retry_strategy")
-    assert_round_trip(None if retry is None else dict(retry), row.retry_strategy)
+    assert_round_trip(None if retry is None else as_stored(retry), row.retry_strategy)
     cancellation = {k: v for k, v in (kwargs.get("cancellation") or {}).items() if v is not None}
-    assert_round_trip(cancellation or None, row.cancellation)
+    assert_round_trip(as_stored(cancellation) or None, row.cancellation)
     if claimed:
         return
     run_after = kwargs.get("run_after")
@@ -672,7 +628,7 @@ def assert_spawned(
 
 
 @settings(PROPERTY, max_examples=70)
-@given(kwargs=without_known_issues(spawn_kwargs()))
+@given(kwargs=spawn_kwargs())
 def test_spawn(db: Db, kwargs: dict[str, Any]) -> None:
     db.reset()
     app = db.app()
@@ -707,7 +663,7 @@ def spawn_many_requests(draw: st.DrawFn) -> list[Any]:
         if draw(st.integers(0, 9)) == 0:
             requests.append(draw(st.sampled_from([None, {"task_name": "t"}, "t"])))
             continue
-        kwargs = draw(without_known_issues(spawn_kwargs()))
+        kwargs = draw(spawn_kwargs())
         if draw(st.booleans()):
             kwargs["idempotency_key"] = draw(st.sampled_from(["k1", "k2"]))
         requests.append(SpawnRequest(**kwargs))
@@ -933,9 +889,7 @@ def test_task_id_methods(
 
 @settings(PROPERTY, max_examples=40)
 @given(
-    kwargs=without_known_issues(
-        spawn_kwargs(("task_name", "queue", "max_attempts", "retry_strategy", "cancellation"))
-    ),
+    kwargs=spawn_kwargs(("task_name", "queue", "max_attempts", "retry_strategy", "cancellation")),
     original_spelling=st.booleans(),
     both_spellings=st.booleans(),
 )
@@ -1147,10 +1101,7 @@ def test_ctx_emit_event(db: Db, event_name: Any, payload: Any) -> None:
 
 @settings(PROPERTY, max_examples=25)
 @given(
-    kwargs=without_known_issues(
-        spawn_kwargs(("task_name", "params", "headers", "queue", "max_attempts", "run_after")),
-        in_task=True,
-    ),
+    kwargs=spawn_kwargs(("task_name", "params", "headers", "queue", "max_attempts", "run_after")),
     step_name=st.none() | clean_names | hostile_names,
 )
 def test_ctx_spawn(db: Db, kwargs: dict[str, Any], step_name: Any) -> None:
@@ -1183,7 +1134,7 @@ def test_ctx_spawn(db: Db, kwargs: dict[str, Any], step_name: Any) -> None:
     assert_spawned(db, first, {**expected, "idempotency_key": key}, claimed=True)
 
 
-# -- known defects: each xfail states the documented behaviour --------------------------
+# -- the inputs that found defects, kept as plain examples --------------------------------
 
 
 def nest_lists(depth: int) -> Any:
@@ -1193,80 +1144,164 @@ def nest_lists(depth: int) -> Any:
     return value
 
 
-def refused_or_stored(db: Db, call: Callable[[Absurd, Session], Any]) -> None:
-    """The documented outcome of a questionable input: InvalidArgument with the
-    transaction usable, or success."""
+def refused(db: Db, call: Callable[[Absurd, Session], Any]) -> BaseException:
+    """``call`` raised InvalidArgument before any statement, leaving the
+    transaction usable (``in_transaction`` checks both)."""
     db.reset()
     app = db.app()
     outcome = in_transaction(db, app, lambda s: call(app, s), InvalidArgument)
-    assert outcome is not None
+    assert isinstance(outcome, Refused), f"accepted: {outcome!r}"
+    return outcome.error
 
 
-KNOWN_DEFECTS: dict[str, Callable[[Absurd, Session], Any]] = {
-    # retry_strategy["factor"] NaN / inf passes the check; the spawn statement
-    # then fails in PostgreSQL (DataError: Token "NaN" is invalid) and aborts
-    # the caller's transaction.
-    "retry_factor_nan": lambda app, s: app.spawn(
-        "t", retry_strategy={"kind": "exponential", "factor": math.nan}, session=s
+def exponential(factor: Any) -> Callable[[Absurd, Session], Any]:
+    return lambda app, s: app.spawn(
+        "t", retry_strategy={"kind": "exponential", "factor": factor}, session=s
+    )
+
+
+MINUS_ONE_HOUR_AT_THE_START = datetime.min.replace(tzinfo=timezone(timedelta(hours=1)))
+
+REFUSED: dict[str, tuple[Callable[[Absurd, Session], Any], str]] = {
+    # Passed the check, then PostgreSQL raised DataError (Token "NaN" is invalid).
+    "retry_factor_nan": (exponential(math.nan), r"\['factor'\] must be a number from 1 to 1e\+06"),
+    "retry_factor_inf": (exponential(math.inf), r"\['factor'\]"),
+    # json.dumps cannot print it: a bare ValueError.
+    "retry_factor_10**5000": (exponential(10**5000), r"\['factor'\]"),
+    "retry_factor_above_1e6": (exponential(1e6 + 1), r"\['factor'\]"),
+    # sorted() of mixed keys raised TypeError while building the message.
+    "cancellation_keys_of_mixed_types": (
+        lambda app, s: app.spawn("t", cancellation={"other": 0, None: 0}, session=s),
+        "cancellation keys must be strings",
     ),
-    "retry_factor_inf": lambda app, s: app.spawn(
-        "t", retry_strategy={"kind": "exponential", "factor": math.inf}, session=s
+    "retry_keys_of_mixed_types": (
+        lambda app, s: app.spawn("t", retry_strategy={0: 0, "a": 0}, session=s),
+        "retry_strategy keys must be strings",
     ),
-    # ... and an int factor json.dumps cannot print raises a bare ValueError.
-    "retry_factor_10**5000": lambda app, s: app.spawn(
-        "t", retry_strategy={"kind": "exponential", "factor": 10**5000}, session=s
+    # math.isfinite() raised OverflowError.
+    "run_after_too_big_for_a_float": (
+        lambda app, s: app.spawn("t", run_after=10**400, session=s),
+        "run_after must be at most",
     ),
-    # check_seconds accepts a timedelta; the policy keeps it and json.dumps
-    # raises a bare TypeError.
-    "timedelta_in_cancellation": lambda app, s: app.spawn(
-        "t", cancellation={"max_delay": timedelta(seconds=5)}, session=s
+    "max_delay_too_big_for_a_float": (
+        lambda app, s: app.spawn("t", cancellation={"max_delay": -(10**400)}, session=s),
+        "must not be negative",
     ),
-    "timedelta_in_retry_strategy": lambda app, s: app.spawn(
-        "t", retry_strategy={"kind": "fixed", "base_seconds": timedelta(seconds=5)}, session=s
+    "run_after_not_in_utc_range": (
+        lambda app, s: app.spawn("t", run_after=MINUS_ONE_HOUR_AT_THE_START, session=s),
+        "out of range in UTC",
     ),
-    # Unknown keys are reported with sorted(), which raises TypeError for mixed types.
-    "unknown_policy_keys_of_mixed_types": lambda app, s: app.spawn(
-        "t", cancellation={None: 1, "a": 2}, session=s
+    # The registry was looked up before the name was checked: TypeError: unhashable.
+    "unhashable_task_name": (lambda app, s: app.spawn(["t"], session=s), "task name"),
+    "unhashable_task_name_in_spawn_many": (
+        lambda app, s: app.spawn_many([SpawnRequest(task_name=[])], session=s),  # type: ignore[arg-type]
+        "task name",
     ),
-    "unknown_retry_keys_of_mixed_types": lambda app, s: app.spawn(
-        "t", retry_strategy={0: 0, "a": 0}, session=s
+    # Just under the recursion limit: spawn raised RecursionError (encoded again
+    # inside the statement's rows), or accepted what a worker could not decode.
+    "json_one_level_too_deep": (
+        lambda app, s: app.spawn("t", nest_lists(MAX_JSON_DEPTH + 1), session=s),
+        f"params is nested too deeply.*{MAX_JSON_DEPTH}",
     ),
-    # math.isfinite() of an int too big for a float raises OverflowError.
-    "seconds_too_big_for_a_float": lambda app, s: app.spawn("t", run_after=10**400, session=s),
-    # A run_after offset PostgreSQL cannot parse: DataError, transaction aborted.
-    "run_after_offset_16h": lambda app, s: app.spawn(
-        "t", run_after=datetime(2030, 1, 1, tzinfo=timezone(timedelta(hours=16))), session=s
+    "json_near_the_recursion_limit": (
+        lambda app, s: app.spawn("t", nest_lists(sys.getrecursionlimit() - 11), session=s),
+        "params is nested too deeply",
     ),
-    "run_after_offset_with_microseconds": lambda app, s: app.spawn(
-        "t", run_after=datetime(2030, 1, 1, tzinfo=timezone(timedelta(microseconds=1))), session=s
+    "headers_near_the_recursion_limit": (
+        lambda app, s: app.spawn(
+            "t", headers={"h": nest_lists(sys.getrecursionlimit() - 12)}, session=s
+        ),
+        "headers is nested too deeply",
     ),
-    # The registry lookup comes before the name check: TypeError: unhashable type.
-    "unhashable_task_name": lambda app, s: app.spawn(["t"], session=s),
+    # repr() of the headers, for the message, raised RecursionError.
+    "deep_headers_that_are_not_a_mapping": (
+        lambda app, s: app.spawn("t", headers=nest_lists(sys.getrecursionlimit() + 5), session=s),
+        "headers must be a dict",
+    ),
 }
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: see KNOWN_DEFECTS")
-@pytest.mark.parametrize("what", sorted(KNOWN_DEFECTS))
-def test_known_defect(db: Db, what: str) -> None:
-    refused_or_stored(db, KNOWN_DEFECTS[what])
+@pytest.mark.parametrize("what", sorted(REFUSED))
+def test_refused_before_any_statement(db: Db, what: str) -> None:
+    call, message = REFUSED[what]
+    error = refused(db, call)
+    assert re.search(message, str(error)), error
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="jsonb prints numbers in full")
-@pytest.mark.parametrize("number", [1e16, 1e23, 1e308, -1.5e300])
-def test_big_floats_come_back_as_ints(db: Db, number: float) -> None:
+STORED: dict[str, dict[str, Any]] = {
+    # A timedelta passed the seconds check, was stored as is, and json.dumps
+    # raised TypeError: it is stored as float seconds.
+    "timedelta_in_cancellation": {"cancellation": {"max_delay": timedelta(seconds=5)}},
+    "timedelta_in_retry_strategy": {
+        "retry_strategy": {
+            "kind": "exponential",
+            "base_seconds": timedelta(milliseconds=1500),
+            "max_seconds": timedelta(hours=1),
+        }
+    },
+    "retry_factor_1e6": {"retry_strategy": {"kind": "exponential", "factor": 1e6}},
+    "retry_factor_10**6": {"retry_strategy": {"kind": "exponential", "factor": 10**6}},
+    # Offsets PostgreSQL cannot parse (DataError): stored as the instant in UTC.
+    "run_after_offset_16h": {
+        "run_after": datetime(2030, 1, 1, tzinfo=timezone(timedelta(hours=16)))
+    },
+    "run_after_offset_-23h59m59s": {
+        "run_after": datetime(2030, 1, 1, tzinfo=timezone(-timedelta(hours=23, seconds=3599)))
+    },
+    "run_after_offset_with_microseconds": {
+        "run_after": datetime(2030, 1, 1, tzinfo=timezone(timedelta(microseconds=1)))
+    },
+    "run_after_at_the_end_of_time": {"run_after": datetime.max.replace(tzinfo=UTC)},
+    "json_at_the_maximum_depth": {
+        "params": nest_lists(MAX_JSON_DEPTH),
+        "headers": {"h": nest_lists(MAX_JSON_DEPTH - 1)},
+    },
+}
+
+
+@pytest.mark.parametrize("what", sorted(STORED))
+def test_stored_as_documented(db: Db, what: str) -> None:
+    kwargs = {"task_name": "t", **STORED[what]}
+    db.reset()
+    app = db.app()
+    outcome = in_transaction(db, app, lambda s: app.spawn(**kwargs, session=s), InvalidArgument)
+    assert isinstance(outcome, SpawnResult), outcome
+    assert_spawned(db, outcome, kwargs)
+
+
+@pytest.mark.parametrize(
+    ("number", "comes_back_as"),
+    [
+        (1e16, int),
+        (-1e16, int),
+        (1e23, int),
+        (1.7976931348623157e308, int),
+        (-1.5e300, int),
+        (9999999999999998.0, float),  # the largest float below 1e16
+        (1e15, float),
+        (1.5, float),
+        (1e-7, float),
+    ],
+)
+def test_big_floats_come_back_as_ints(db: Db, number: float, comes_back_as: type) -> None:
     """json.dumps writes 1e+23; jsonb keeps the numeric 10^23 and prints it
-    without an exponent, which json.loads reads as the int 10**23 (!= 1e23)."""
+    without an exponent, which json.loads reads as the int 10**23: every float
+    of magnitude 1e16 or more comes back as the int its shortest decimal
+    spelling names (float() of it gives the float back). Documented in
+    docs/reference.md; smaller floats come back as floats."""
     db.reset()
     app = db.app()
     app.emit_event("e", number)
     with db.engine.connect() as conn:
-        assert_round_trip(number, conn.scalar(select(events.c.payload)))
+        back = conn.scalar(select(events.c.payload))
+    assert type(back) is comes_back_as
+    assert float(back) == number
+    assert_round_trip(number, back)
 
 
-@pytest.mark.xfail(strict=True, reason="ctx.spawn raises TypeError: 'list' object is not a mapping")
 def test_ctx_spawn_with_headers_that_are_not_a_mapping(db: Db) -> None:
-    """``spawn`` refuses such headers with InvalidArgument; ``ctx.spawn`` merges
-    them into a dict first and raises TypeError."""
+    """``ctx.spawn`` refuses such headers as ``spawn`` does (it merged them into
+    a dict first and raised TypeError)."""
     db.reset()
     app = db.app()
     raised: list[BaseException] = []
@@ -1281,25 +1316,63 @@ def test_ctx_spawn_with_headers_that_are_not_a_mapping(db: Db) -> None:
     app.spawn("parent")
     run_until_idle(app)
     assert len(raised) == 1 and isinstance(raised[0], InvalidArgument), raised
+    assert "headers must be a dict" in str(raised[0])
+    assert counts(db.engine)[1] == 1  # no child
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason="depth checked at one stack depth")
-def test_nesting_near_the_recursion_limit(db: Db) -> None:
-    """encode_json refuses what json.dumps cannot encode at the caller's stack
-    depth; the spawn statement's parameters then encode the value again two
-    levels deeper, and the worker decodes it deeper still. Just below the limit,
-    spawn raises RecursionError, or the claim does (and the run stays claimed)."""
+def test_json_at_the_maximum_depth_end_to_end(db: Db) -> None:
+    """Params, headers, a step value, a child's result, an event payload and a
+    task's result nested MAX_JSON_DEPTH levels are stored, claimed, replayed
+    and read back (a worker decodes them inside wrappers: checkpoints, the done
+    event); one level more is refused wherever it is passed."""
     db.reset()
     app = db.app()
-    app.register_task("echo")(lambda params, ctx: params)
-    accepted = {}
-    for depth in range(sys.getrecursionlimit() + 10, sys.getrecursionlimit() - 200, -1):
-        try:
-            accepted[depth] = app.spawn("echo", nest_lists(depth)).task_id
-        except NotSerializable:
-            continue
+    deepest, too_deep = nest_lists(MAX_JSON_DEPTH), nest_lists(MAX_JSON_DEPTH + 1)
+    refusals: list[BaseException] = []
+
+    @app.register_task("echo")
+    def echo(params: Any, ctx: TaskContext) -> Any:
+        return params
+
+    @app.register_task("too-deep", max_attempts=1)
+    def returns_too_deep(params: Any, ctx: TaskContext) -> Any:
+        return too_deep
+
+    @app.register_task("parent", max_attempts=1)
+    def parent(params: Any, ctx: TaskContext) -> Any:
+        for call in (
+            lambda: ctx.step("too-deep", lambda: too_deep),
+            lambda: ctx.emit_event("too-deep", too_deep),
+            lambda: ctx.spawn("echo", too_deep, step_name="too-deep-child"),
+        ):
+            try:
+                call()
+            except NotSerializable as exc:
+                refusals.append(exc)
+        assert params == deepest and ctx.headers["h"] == nest_lists(MAX_JSON_DEPTH - 1)
+        assert ctx.step("deep", lambda: deepest) == deepest
+        child = ctx.spawn("echo", deepest)
+        assert ctx.await_task_result(child.task_id).result == deepest
+        assert ctx.await_event("deep-event") == deepest
+        return params
+
+    task = app.spawn("parent", deepest, headers={"h": nest_lists(MAX_JSON_DEPTH - 1)})
+    failing = app.spawn("too-deep")
     run_until_idle(app)
-    for depth, task_id in accepted.items():
-        snapshot = app.fetch_task_result(task_id)
-        assert snapshot is not None and snapshot.state == "completed"
-        assert snapshot.result == nest_lists(depth)
+    app.emit_event("deep-event", deepest)
+    run_until_idle(app)
+    snapshot = app.fetch_task_result(task.task_id)
+    assert snapshot is not None and snapshot.state == "completed", snapshot
+    assert_round_trip(deepest, snapshot.result)
+    assert refusals and all("nested too deeply" in str(e) for e in refusals)
+    assert len(refusals) % 3 == 0  # all three, on every execution of the parent
+    failed = app.fetch_task_result(failing.task_id)
+    assert failed is not None and failed.state == "failed" and failed.failure is not None
+    assert failed.failure["name"] == "NotSerializable"
+    for call in (
+        lambda: app.spawn("echo", too_deep),
+        lambda: app.spawn("echo", headers={"h": deepest}),
+        lambda: app.emit_event("e", too_deep),
+    ):
+        with pytest.raises(NotSerializable, match="nested too deeply"):
+            call()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 import time
 import types
 import uuid
@@ -27,6 +28,8 @@ from absurd_sqla import (
     _sql,
     uuid7,
 )
+from absurd_sqla._app import AppCore, Hooks
+from absurd_sqla._children import PARENT_HEADER, child_headers, done_event, done_payload
 from absurd_sqla._core import TaskDefaults
 
 TEN_YEARS = 10 * 365 * 86400.0
@@ -172,6 +175,24 @@ def test_check_name() -> None:
             _core.check_name("task name", bad)
 
 
+@pytest.mark.parametrize("value", [10**400, -(10**400), 2**1024], ids=["big", "-big", "2**1024"])
+def test_seconds_too_big_for_a_float(value: int) -> None:
+    """math.isfinite() of such an int raises OverflowError: never reached."""
+    with pytest.raises(InvalidArgument, match="run_after"):
+        _core.check_seconds("run_after", value)
+    with pytest.raises(InvalidArgument, match="poll_interval"):
+        _core.check_poll_interval(value)
+    with pytest.raises(InvalidArgument, match="max_delay"):
+        _core.check_cancellation({"max_delay": value})
+    with pytest.raises(InvalidArgument, match="base_seconds"):
+        _core.check_retry_strategy({"kind": "fixed", "base_seconds": value})
+    if value > 0:
+        with pytest.raises(InvalidArgument, match="claim_timeout"):
+            _core.check_claim_timeout(value)
+    else:  # 0 or less: the lease never expires
+        assert _core.check_claim_timeout(value) == 0.0
+
+
 def test_check_seconds() -> None:
     assert _core.check_seconds("t", None) is None
     assert _core.check_seconds("t", 0) == 0.0
@@ -187,11 +208,36 @@ def test_check_seconds() -> None:
 
 def test_check_aware() -> None:
     aware = datetime(2030, 1, 1, tzinfo=UTC)
-    assert _core.check_aware("when", aware) is aware
+    assert _core.check_aware("when", aware) == aware
     offset = datetime(2030, 1, 1, tzinfo=timezone(timedelta(hours=-3)))
-    assert _core.check_aware("when", offset) is offset
+    assert _core.check_aware("when", offset) == datetime(2030, 1, 1, 3, tzinfo=UTC)
     with pytest.raises(InvalidArgument, match="timezone"):
         _core.check_aware("when", datetime(2030, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [
+        timedelta(hours=16),  # PostgreSQL: time zone displacement out of range
+        -timedelta(hours=23, minutes=59),
+        timedelta(microseconds=1),  # PostgreSQL: invalid input syntax
+        timedelta(hours=5, seconds=30, microseconds=250),
+    ],
+)
+def test_check_aware_returns_the_instant_in_utc(offset: timedelta) -> None:
+    """Any offset Python allows: the same instant, as UTC (which PostgreSQL parses)."""
+    when = datetime(2030, 1, 1, 12, 30, tzinfo=timezone(offset))
+    checked = _core.check_aware("when", when)
+    assert checked == when and checked.utcoffset() == timedelta(0)
+    row = _core.spawn_row(SpawnRequest("t", run_after=when), DEFAULTS)
+    assert row["run_after"].endswith("+00:00")
+    assert datetime.fromisoformat(row["run_after"]) == when
+
+
+def test_check_aware_out_of_range_in_utc() -> None:
+    early = datetime.min.replace(tzinfo=timezone(timedelta(hours=1)))
+    with pytest.raises(InvalidArgument, match="out of range"):
+        _core.check_aware("run_after", early)
 
 
 def test_check_max_attempts() -> None:
@@ -229,6 +275,82 @@ def test_check_retry_strategy() -> None:
     for bad in bad_strategies:
         with pytest.raises(InvalidArgument, match="retry_strategy"):
             _core.check_retry_strategy(bad)
+
+
+@pytest.mark.parametrize(
+    "factor",
+    [math.nan, math.inf, -math.inf, 10**5000, 1e6 + 1, 10**7, 0, 0.999, -2],
+    ids=["nan", "inf", "-inf", "10**5000", "1e6+1", "10**7", "0", "0.999", "-2"],
+)
+def test_check_retry_strategy_bounds_the_factor(factor: Any) -> None:
+    """NaN and infinity would fail inside PostgreSQL; 10**5000 in json.dumps."""
+    with pytest.raises(InvalidArgument, match=r"retry_strategy\['factor'\].*from 1 to 1e\+06"):
+        _core.check_retry_strategy({"kind": "exponential", "factor": factor})
+
+
+@pytest.mark.parametrize("factor", [1, 1.0, 2, 1.5, 10**6, 1e6])
+def test_check_retry_strategy_keeps_a_good_factor(factor: Any) -> None:
+    strategy = {"kind": "exponential", "base_seconds": 1, "factor": factor}
+    assert _core.check_retry_strategy(strategy) == strategy
+
+
+def test_policies_store_timedeltas_as_float_seconds() -> None:
+    retry = _core.check_retry_strategy(
+        {"kind": "exponential", "base_seconds": timedelta(seconds=5), "max_seconds": 60}
+    )
+    assert retry == {"kind": "exponential", "base_seconds": 5.0, "max_seconds": 60}
+    assert type(retry["base_seconds"]) is float and type(retry["max_seconds"]) is int
+    cancellation = _core.check_cancellation(
+        {"max_delay": timedelta(minutes=1, milliseconds=500), "max_duration": 7}
+    )
+    assert cancellation == {"max_delay": 60.5, "max_duration": 7}
+    row = _core.spawn_row(
+        SpawnRequest("t", retry_strategy=retry, cancellation=cancellation), DEFAULTS
+    )
+    json.dumps(row)  # the spawn statement's rows encode
+    with pytest.raises(InvalidArgument, match="max_delay"):
+        _core.check_cancellation({"max_delay": timedelta(0)})
+
+
+@pytest.mark.parametrize(
+    ("check", "policy"),
+    [
+        (_core.check_cancellation, {"other": 0, None: 0}),
+        (_core.check_cancellation, {None: 1, "a": 2}),
+        (_core.check_cancellation, {1: 5}),
+        (_core.check_retry_strategy, {0: 0, "a": 0}),
+        (_core.check_retry_strategy, {"kind": "fixed", ("kind",): "fixed"}),
+    ],
+)
+def test_policy_keys_must_be_strings(check: Any, policy: Any) -> None:
+    with pytest.raises(InvalidArgument, match="keys must be strings"):
+        check(policy)
+
+
+def test_unknown_policy_keys_are_named() -> None:
+    with pytest.raises(InvalidArgument, match=r"unknown keys 'b', 'c'.*known: max_delay"):
+        _core.check_cancellation({"c": 1, "b": 2, "max_delay": 3})
+    with pytest.raises(InvalidArgument, match="unknown keys 'jitter'"):
+        _core.check_retry_strategy({"kind": "fixed", "jitter": 0.1})
+
+
+def test_retry_strategy_seconds_may_be_none() -> None:
+    """None means unset: the worker's delay maths treats it as 0 / no cap."""
+    strategy = {"kind": "exponential", "base_seconds": None, "max_seconds": None}
+    assert _core.check_retry_strategy(strategy) == strategy
+    assert _core.retry_delay(strategy, 3) == 0.0
+    assert _core.retry_delay({"kind": "fixed", "base_seconds": None}, 3) == 0.0
+    capless = {"kind": "exponential", "base_seconds": 1, "max_seconds": None}
+    assert _core.retry_delay(capless, 4) == 8.0
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 60, 10_000, 2**31 - 1])
+def test_retry_delay_with_the_largest_factor(attempt: int) -> None:
+    strategy = {"kind": "exponential", "base_seconds": 1e-6, "factor": 10**6}
+    delay = _core.retry_delay(strategy, attempt)
+    assert math.isfinite(delay) and 0 < delay <= TEN_YEARS
+    assert _core.retry_delay({**strategy, "base_seconds": 0}, attempt) == 0.0
+    assert _core.retry_delay({**strategy, "max_seconds": 0}, attempt) == 0.0
 
 
 def test_check_cancellation() -> None:
@@ -314,6 +436,104 @@ def test_error_hierarchy_matches_the_reference() -> None:
     for signal in (SuspendTask, CancelledTask, LeaseLost):
         assert issubclass(signal, TaskSignal)
         assert not issubclass(signal, Exception)  # `except Exception:` must not swallow it
+
+
+def nest_lists(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def nest_dicts(depth: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(depth):
+        value = {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("nest", [nest_lists, nest_dicts])
+def test_encode_json_refuses_nesting_deeper_than_the_maximum(nest: Any) -> None:
+    """JSON nested just under the recursion limit encodes here, but not again
+    inside the spawn statement's rows nor when a worker decodes it."""
+    limit = _core.MAX_JSON_DEPTH
+    assert json.loads(_core.encode_json("params", nest(limit))) == nest(limit)
+    recursion_limit = sys.getrecursionlimit()
+    for depth in (limit + 1, limit + 100, recursion_limit - 12, recursion_limit + 10):
+        with pytest.raises(NotSerializable, match=f"params is nested too deeply.*{limit}"):
+            _core.encode_json("params", nest(depth))
+    mixed = {"a": [1, {"b": nest(limit - 3)}]}  # limit levels: {, [, {, then the nest
+    _core.encode_json("payload", mixed)
+    with pytest.raises(NotSerializable):
+        _core.encode_json("payload", {"a": [1, {"b": nest(limit - 2)}]})
+    assert _core.encode_json("payload", nest(limit + 1), max_depth=limit + 1)
+
+
+@pytest.mark.parametrize("depth", range(970, 1000))
+def test_spawn_rows_near_the_recursion_limit_are_refused(depth: int) -> None:
+    """Depths the old check passed, then the spawn statement's own json.dumps of
+    its rows raised RecursionError; and deep headers that are not a mapping,
+    whose error message raised RecursionError from repr()."""
+    core = AppCore()
+    for request in (
+        SpawnRequest("t", params=nest_lists(depth)),
+        SpawnRequest("t", headers={"h": nest_lists(depth)}),
+        SpawnRequest("t", headers=nest_lists(depth)),
+    ):
+        with pytest.raises(InvalidArgument):
+            core.spawn_batches([request])
+
+
+def test_error_messages_survive_values_repr_cannot_print() -> None:
+    deep = nest_lists(sys.getrecursionlimit() + 10)
+    huge = 10**5000
+    for call in (
+        lambda: _core.check_retry_strategy(deep),
+        lambda: _core.check_cancellation(deep),
+        lambda: _core.check_seconds("s", deep),
+        lambda: _core.check_max_attempts(huge),
+        lambda: _core.check_task_id(deep),
+        lambda: _core.check_name("task name", deep),
+        lambda: _core.check_queue_name(deep),
+        lambda: AppCore().spawn_batches([deep]),
+        lambda: child_headers(deep, uuid7()),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            call()
+        assert len(str(info.value)) < 300
+
+
+def test_spawn_batches_checks_the_task_name_before_the_registry() -> None:
+    """An unhashable name cannot be looked up: it must be refused first."""
+    core = AppCore()
+    for name in (["t"], [], {"t": 1}, {1}):
+        with pytest.raises(InvalidArgument, match="task name"):
+            core.spawn_batches([SpawnRequest(task_name=name)])
+
+
+def test_before_spawn_must_return_a_spawn_request() -> None:
+    core = AppCore(hooks=Hooks(before_spawn=lambda request: None))  # type: ignore[arg-type,return-value]
+    with pytest.raises(InvalidArgument, match="before_spawn"):
+        core.spawn_batches([SpawnRequest("t")])
+
+
+@pytest.mark.parametrize("headers", [[1], "h", 1, [("a", 1)]])
+def test_child_headers_must_be_a_mapping(headers: Any) -> None:
+    """As ``spawn`` refuses them: InvalidArgument, not TypeError from the merge."""
+    with pytest.raises(InvalidArgument, match="headers must be a dict"):
+        child_headers(headers, uuid7())
+    assert child_headers(None, uuid.UUID(int=1)) == {PARENT_HEADER: str(uuid.UUID(int=1))}
+    assert child_headers({"a": 1}, uuid.UUID(int=1))["a"] == 1
+
+
+def test_done_event_payload_may_wrap_a_result_of_the_maximum_depth() -> None:
+    result = nest_lists(_core.MAX_JSON_DEPTH)
+    _core.encode_json("the task's return value", result)
+    payload = done_payload(TaskResultSnapshot("completed", result))
+    params = AppCore.emit_params_for("default", done_event(uuid7()), payload)
+    assert json.loads(params["payload_json"]) == payload
+    with pytest.raises(NotSerializable):  # an ordinary event gets no extra level
+        AppCore.emit_params_for("default", "e", payload)
 
 
 def test_encode_json_rejects_circular_structures() -> None:
