@@ -7,6 +7,9 @@
     clock.advance(3600)                        # sleeps and retry delays come due
     run_until_idle(app)
 
+Both work with ``AsyncAbsurd`` too: ``FakeClock(async_app.engine)`` (an
+``AsyncEngine``) and ``await run_until_idle(async_app)``.
+
 The database clock is ``absurd.now()``: ``clock_timestamp()`` unless the
 session setting ``absurd.fake_now`` holds a timestamp. ``FakeClock`` sets it on
 every connection the engine hands out, so the worker, the client and your own
@@ -15,38 +18,81 @@ sessions all agree on the time.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, overload
 
 from sqlalchemy import Engine, event, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import ConnectionPoolEntry
 
-if TYPE_CHECKING:
-    from .client import Absurd
+from .client import Absurd
+from .client_async import AsyncAbsurd
 
 __all__ = ["FakeClock", "run_until_idle"]
 
+# In a pooled connection's ``info``: the FakeClock whose time it carries.
+_PINNED_BY = "absurd_sqla.fake_clock"
+
+
+def _set_fake_now(dbapi_connection: Any, value: str) -> None:
+    """Set ``absurd.fake_now`` for the connection's session ('' = the real clock).
+
+    Runs in the pool's checkout event: for an AsyncEngine that is inside
+    SQLAlchemy's greenlet, where the adapted DBAPI connection awaits for us."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT set_config('absurd.fake_now', %s, false)", (value,))
+    finally:
+        cursor.close()
+    # The setting is session-level: end the implicit transaction it opened.
+    dbapi_connection.commit()
+
+
+def _restore_real_clock(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+    """Hand out a connection pinned by a closed FakeClock on the real clock again.
+
+    One such listener per engine, registered with its first FakeClock and kept:
+    a pooled connection keeps a closed clock's time until it is next checked
+    out, and then this puts it back (a dictionary lookup for any other)."""
+    clock = record.info.get(_PINNED_BY)
+    if isinstance(clock, FakeClock) and clock._now is None:
+        _set_fake_now(dbapi_connection, "")
+        del record.info[_PINNED_BY]
+
 
 class FakeClock:
-    """Freeze and move the database clock for connections from ``engine``."""
+    """Freeze and move the database clock for connections from ``engine``.
 
-    def __init__(self, engine: Engine, start: datetime | None = None) -> None:
+    ``engine`` is an ``Engine`` or an ``AsyncEngine``. Without ``start`` the
+    clock starts at the database's time (an ``Engine``) or at this machine's
+    (an ``AsyncEngine``: reading the database's would need I/O, and this
+    constructor is not a coroutine)."""
+
+    def __init__(self, engine: Engine | AsyncEngine, start: datetime | None = None) -> None:
         self.engine = engine
+        self._pool_events: Engine = (
+            engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        )
         self._now: datetime | None = None
-        event.listen(engine, "checkout", self._on_checkout)
+        # Registered first, so it runs before this clock's own listener.
+        if not event.contains(self._pool_events, "checkout", _restore_real_clock):
+            event.listen(self._pool_events, "checkout", _restore_real_clock)
+        event.listen(self._pool_events, "checkout", self._on_checkout)
         if start is None:
-            with engine.connect() as conn:
-                start = conn.scalar(text("SELECT clock_timestamp()"))
+            if isinstance(engine, AsyncEngine):
+                start = datetime.now(UTC)
+            else:
+                with engine.connect() as conn:
+                    start = conn.scalar(text("SELECT clock_timestamp()"))
+        assert start is not None
         self.set(start)
 
-    def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        value = "" if self._now is None else self._now.isoformat()
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("SELECT set_config('absurd.fake_now', %s, false)", (value,))
-        finally:
-            cursor.close()
-        # The setting is session-level: end the implicit transaction it opened.
-        dbapi_connection.commit()
+    def _on_checkout(self, dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+        if self._now is None:
+            return
+        _set_fake_now(dbapi_connection, self._now.isoformat())
+        record.info[_PINNED_BY] = self
 
     def now(self) -> datetime:
         assert self._now is not None
@@ -63,11 +109,13 @@ class FakeClock:
         return self.now()
 
     def close(self) -> None:
-        """Back to the real clock: stop setting it and drop the pool's pinned connections."""
+        """Back to the real clock, without I/O: stop setting it; a pooled
+        connection that still carries this clock's time is put back on the
+        real clock when the pool next hands it out. (A connection checked out
+        now keeps the fake time until it is returned.)"""
         self._now = None
-        if event.contains(self.engine, "checkout", self._on_checkout):
-            event.remove(self.engine, "checkout", self._on_checkout)
-        self.engine.dispose()
+        if event.contains(self._pool_events, "checkout", self._on_checkout):
+            event.remove(self._pool_events, "checkout", self._on_checkout)
 
     def __enter__(self) -> FakeClock:
         return self
@@ -76,14 +124,55 @@ class FakeClock:
         self.close()
 
 
+@overload
 def run_until_idle(
     app: Absurd, *, queue: str | None = None, max_batches: int = 10_000, batch_size: int = 10
-) -> int:
-    """Run due work in this thread until nothing is claimable; return runs processed."""
+) -> int: ...
+@overload
+def run_until_idle(
+    app: AsyncAbsurd,
+    *,
+    queue: str | None = None,
+    max_batches: int = 10_000,
+    batch_size: int = 10,
+) -> Coroutine[Any, Any, int]: ...
+
+
+def run_until_idle(
+    app: Absurd | AsyncAbsurd,
+    *,
+    queue: str | None = None,
+    max_batches: int = 10_000,
+    batch_size: int = 10,
+) -> int | Coroutine[Any, Any, int]:
+    """Run due work until nothing is claimable; return runs processed.
+
+    With an ``Absurd`` it runs in this thread; with an ``AsyncAbsurd`` it
+    returns a coroutine to await (``await run_until_idle(async_app)``)."""
+    if isinstance(app, AsyncAbsurd):
+        return _run_until_idle_async(
+            app, queue=queue, max_batches=max_batches, batch_size=batch_size
+        )
     total = 0
     for _ in range(max_batches):
         claimed = app.work_batch("test-worker", batch_size=batch_size, queue=queue)
         if claimed == 0:
             return total
         total += claimed
-    raise RuntimeError(f"still busy after {max_batches} batches: is a task looping forever?")
+    raise _still_busy(max_batches)
+
+
+async def _run_until_idle_async(
+    app: AsyncAbsurd, *, queue: str | None, max_batches: int, batch_size: int
+) -> int:
+    total = 0
+    for _ in range(max_batches):
+        claimed = await app.work_batch("test-worker", batch_size=batch_size, queue=queue)
+        if claimed == 0:
+            return total
+        total += claimed
+    raise _still_busy(max_batches)
+
+
+def _still_busy(max_batches: int) -> RuntimeError:
+    return RuntimeError(f"still busy after {max_batches} batches: is a task looping forever?")
