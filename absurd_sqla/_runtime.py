@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from ._app import WorkerSettings
 SWEEP_INTERVAL = 1.0  # seconds between expired-lease sweeps of a running worker
 LISTEN_RETRY_MIN, LISTEN_RETRY_MAX = 0.5, 30.0  # reconnect backoff of the listener, seconds
 SIGNAL_CHECK_INTERVAL = 0.1  # longest an idle worker takes to notice SIGTERM/SIGINT
+CANCELLED_HANDLER_GRACE = 5.0  # seconds a stopping asyncio worker waits for cancelled handlers
 
 
 def default_worker_id() -> str:
@@ -24,6 +26,12 @@ def summary(exc: BaseException) -> str:
     """The first line of an exception, for a log line without a traceback."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def restore_signal_handler(signum: int, previous: Any) -> None:
+    """Put back a handler ``signal.getsignal`` returned. ``None`` means one
+    installed outside Python, which cannot be reinstalled: the default then."""
+    signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
 
 class StopState:

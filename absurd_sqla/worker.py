@@ -33,6 +33,7 @@ from ._runtime import (
     SWEEP_INTERVAL,
     StopState,
     pool_warning,
+    restore_signal_handler,
     summary,
 )
 from ._sql import channel_for
@@ -313,7 +314,7 @@ def _install_signal_handlers(on_signal: Callable[[int], None]) -> Callable[[], N
 
     def restore() -> None:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            restore_signal_handler(sig, handler)
 
     return restore
 

@@ -22,21 +22,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
 
 from ._app import WorkerSettings
 from ._execute_async import AsyncExecutor
 from ._outage import Outage
 from ._retry import is_disconnect
-from ._run import ClaimedRun
+from ._run import CLAIM_TIMEOUT_REASON, ClaimedRun
 from ._runtime import (
+    CANCELLED_HANDLER_GRACE,
     LISTEN_RETRY_MAX,
     LISTEN_RETRY_MIN,
     SWEEP_INTERVAL,
     StopState,
     pool_warning,
+    restore_signal_handler,
     summary,
 )
 from ._sql import channel_for
@@ -45,16 +48,28 @@ from .models import runs
 
 log = logging.getLogger("absurd_sqla.worker")
 
-# Which of these runs are no longer held (lapsed lease, cancelled, swept)?
+# Which of these runs were taken from their handler: cancelled, still running
+# under a lease that lapsed, or already swept as ``$ClaimTimeout``. A run its
+# own handler finished (completed, failed, sleeping) is not listed: a handler
+# between that write and its return must not be cancelled.
 _lost_runs = select(runs.c.run_id).where(
     runs.c.run_id.in_(bindparam("runs", expanding=True, type_=UUID(as_uuid=True))),
-    ~((runs.c.state == "running") & LEASE_OK),
+    or_(
+        runs.c.state == "cancelled",
+        (runs.c.state == "running") & ~LEASE_OK,
+        (runs.c.state == "failed")
+        & (runs.c.failure_reason["name"].astext == CLAIM_TIMEOUT_REASON["name"]),
+    ),
 )
 
 
 class AsyncListener:
     """``LISTEN`` on the queue's channel in an asyncio task; each notification
-    calls ``wake``. Reconnects with backoff, one warning per outage."""
+    calls ``wake``. Reconnects with backoff, one warning per outage.
+
+    The connection comes from the app's engine (so its connect arguments and
+    pool events apply), detached from the pool: a LISTENing session never
+    serves anyone else, and it is closed here, not returned."""
 
     def __init__(self, engine: AsyncEngine, channel: str, wake: Callable[[], None]) -> None:
         self._engine = engine
@@ -68,12 +83,10 @@ class AsyncListener:
         while True:
             try:
                 await self._listen()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
-                if self.connected.is_set():
+                if self.connected.is_set():  # it had worked: start the backoff afresh
                     backoff = LISTEN_RETRY_MIN
-                if not self._failing:
+                if not self._failing:  # one warning per outage, not one per attempt
                     log.warning(
                         "LISTEN on %s failed (%s); polling until it reconnects",
                         self._channel,
@@ -86,11 +99,15 @@ class AsyncListener:
                 backoff = min(backoff * 2, LISTEN_RETRY_MAX)
 
     async def _listen(self) -> None:
-        url = self._engine.url.set(drivername="postgresql")
-        conn = await psycopg.AsyncConnection.connect(
-            url.render_as_string(hide_password=False), autocommit=True
-        )
-        async with conn:
+        raw = await self._engine.raw_connection()
+        conn = raw.driver_connection  # read before detach(), which clears it
+        await greenlet_spawn(raw.detach)
+        if not isinstance(conn, psycopg.AsyncConnection):
+            await greenlet_spawn(raw.close)
+            raise TypeError(f"LISTEN needs a psycopg 3 async connection, got {type(conn)!r}")
+        try:
+            await conn.rollback()
+            await conn.set_autocommit(True)
             await conn.execute(
                 psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel))
             )
@@ -101,18 +118,30 @@ class AsyncListener:
             self._wake()  # anything committed while we were not listening
             async for _ in conn.notifies():
                 self._wake()
+            raise psycopg.OperationalError("the LISTEN connection stopped delivering notifications")
+        finally:
+            await conn.close()
 
 
 @dataclass(slots=True)
 class _Slot:
+    """One claimed run and the asyncio task executing it."""
+
     run: ClaimedRun
     task: asyncio.Task[None] | None = None
-    started: bool = False
-    watchdog_cancelled: bool = False
+    started: bool = False  # the handler was called (releasing it then costs an attempt)
+    lost: bool = False  # cancelled by the lease watchdog
 
 
 class AsyncWorker:
-    """A long-running asyncio worker for one queue. Use ``AsyncAbsurd.start_worker``."""
+    """A long-running asyncio worker for one queue. Use ``AsyncAbsurd.start_worker``.
+
+    Shutdown has two stages. A stop (``stop()``, SIGTERM, SIGINT, or cancelling
+    the task running ``start_worker``) claims nothing more and lets in-flight
+    handlers finish. ``stop(now=True)``, a second signal or cancellation, or
+    ``shutdown_timeout`` elapsing after the first stop, stops now: handlers not
+    finished are cancelled and their runs released (claimable again at once).
+    """
 
     def __init__(self, executor: AsyncExecutor, settings: WorkerSettings) -> None:
         self.settings = settings
@@ -134,7 +163,8 @@ class AsyncWorker:
 
     def stop(self, *, now: bool = False) -> None:
         """Claim nothing more and let in-flight handlers finish; with ``now``,
-        release them at once. Safe from any thread and from a coroutine."""
+        release them at once. Safe from any thread, from a coroutine and from a
+        signal handler."""
         self._stop.stop(now=now)
         self._wake_threadsafe()
 
@@ -155,21 +185,21 @@ class AsyncWorker:
             self._wake.set()
 
     def _wake_threadsafe(self) -> None:
+        """Wake the loop from anywhere. Always through ``call_soon_threadsafe``:
+        from a signal handler on the loop's own thread, a plain ``Event.set``
+        would not interrupt the loop's ``select``."""
         loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            self._wake_soon()
-        else:
+        if loop is None:
+            return  # not running yet: the loop checks the stop before it idles
+        with contextlib.suppress(RuntimeError):  # a closed loop: nothing left to wake
             loop.call_soon_threadsafe(self._wake_soon)
 
     # -- the loop ----------------------------------------------------------------
 
     async def run(self, shared_need: int = 0) -> None:
+        """Run until stopped. Cancelling the task that awaits this is a graceful
+        stop (a second cancellation stops now): in-flight handlers finish, then
+        ``CancelledError`` propagates."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         warning = pool_warning(self.engine.pool, self.settings, shared_need)
@@ -178,38 +208,58 @@ class AsyncWorker:
         listener = AsyncListener(self.engine, channel_for(self.queue), self._wake_soon)
         listening = asyncio.create_task(listener.run(), name="absurd-listen")
         restore = _install_signal_handlers(self._loop, self._on_signal)
+        # The loop runs in a task of its own, so a cancellation of ours never
+        # lands in the middle of a claim (whose runs would then be stranded).
+        looping = asyncio.create_task(self._serve(), name="absurd-worker-loop")
+        cancelled = 0
         try:
-            try:
-                await self._run_loop()
-            except asyncio.CancelledError:
-                # The start_worker task was cancelled: stop gracefully, then re-raise.
-                self._stop.stop()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._run_loop()
-                raise
-            finally:
-                if self.stopping_now:
-                    await self._release_unfinished()
+            while True:
+                try:
+                    await asyncio.shield(looping)
+                    break
+                except asyncio.CancelledError:
+                    if looping.done():
+                        raise
+                    cancelled += 1
+                    self.stop(now=cancelled >= 2)
         finally:
-            restore()
-            listening.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await listening
+            try:
+                if not looping.done():  # we are failing ourselves: stop the loop
+                    looping.cancel()
+                    await asyncio.wait([looping])
+            finally:
+                restore()
+                listening.cancel()
+                await asyncio.wait([listening])
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _serve(self) -> None:
+        try:
+            await self._run_loop()
+        finally:
+            # In the loop's own task, with no await in between: a handler task
+            # created by the last claim has not run yet, so it is cancelled
+            # before its handler starts and its run costs no attempt.
+            await self._release_unfinished()
 
     async def _run_loop(self) -> None:
         next_sweep = 0.0
         while not self.stopping_now:
-            if self.stopping:
-                if not await self._drain():
-                    return
-                continue
             now = time.monotonic()
             if now >= next_sweep:
+                # On a timer, busy or not: a hung handler's expired lease is swept
+                # (and its handler cancelled) even when every slot is taken.
                 next_sweep = now + SWEEP_INTERVAL
-                if await self._guard(self.executor.sweep_expired, self.queue) is _FAILED:
+                sweep = not self.stopping  # a stopping worker only watches its own
+                if sweep and await self._guard(self.executor.sweep_expired, self.queue) is _FAILED:
                     continue
                 if await self._watch_leases() is _FAILED:
                     continue
+            if self.stopping:
+                if not await self._drain(next_sweep):
+                    return
+                continue
             free = self.concurrency - len(self._slots)
             if free > 0:
                 wanted = min(free, self.batch_size)
@@ -221,13 +271,15 @@ class AsyncWorker:
                 for run in claimed:
                     self._start(run)
                 if len(claimed) == wanted:
-                    continue
-            await self._idle(min(self.poll_interval, max(next_sweep - time.monotonic(), 0.0)))
+                    continue  # there may be more ready right now
+            await self._idle(min(self.poll_interval, next_sweep - time.monotonic()))
 
     async def _idle(self, timeout: float) -> None:
+        """Wait for a wake-up (NOTIFY, a free slot, a stop, a signal) or ``timeout`` seconds."""
         assert self._wake is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        if timeout > 0 and not self._wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()
 
     def _start(self, run: ClaimedRun) -> None:
@@ -240,27 +292,27 @@ class AsyncWorker:
             try:
                 await self.executor.execute(run, self.worker_id, self.claim_timeout, mark_started)
             except asyncio.CancelledError:
-                if slot.watchdog_cancelled:
-                    log.warning(
-                        "cancelled the handler of run %s: its run is no longer this worker's",
-                        run.run_id,
-                    )
-                    return
-                raise
+                if not slot.lost:
+                    raise  # stopping now: the run is released by the loop
+                log.warning(
+                    "cancelled the handler of run %s: its run is no longer this worker's "
+                    "(cancelled, or its lease expired)",
+                    run.run_id,
+                )
             except Exception:
                 log.exception("worker slot crashed running run %s", run.run_id)
             finally:
                 self._slots.pop(run.run_id, None)
                 self._wake_soon()
 
-        slot.task = asyncio.create_task(execute(), name=f"absurd-task-{run.run_id}")
         self._slots[run.run_id] = slot
+        slot.task = asyncio.create_task(execute(), name=f"absurd-task-{run.run_id}")
 
     async def _watch_leases(self) -> Any:
-        """Cancel the handler of any run that is no longer ours (lease lapsed,
-        task cancelled): it stops writing and stops its side effects; the
-        sweep retries a lapsed run."""
-        started = [slot for slot in self._slots.values() if slot.started]
+        """The lease watchdog: cancel the handler of any run that is no longer
+        ours (its lease lapsed, or its task was cancelled), so it stops writing
+        and stops its side effects. The sweep retries a lapsed run."""
+        started = [slot for slot in self._slots.values() if slot.started and not slot.lost]
         if not started:
             return None
         lost = await self._guard(
@@ -271,21 +323,26 @@ class AsyncWorker:
         for row in lost:
             slot = self._slots.get(row.run_id)
             if slot is not None and slot.task is not None and not slot.task.done():
-                slot.watchdog_cancelled = True
+                slot.lost = True
                 slot.task.cancel()
         return None
 
-    async def _drain(self) -> bool:
+    async def _drain(self, next_sweep: float) -> bool:
+        """Stage one of a shutdown: wait for in-flight handlers (watching their
+        leases meanwhile). False once none is left."""
         if not self._slots:
             return False
         if self._stop.start_draining():
             log.info(self._stop.drain_message(self.worker_id, len(self._slots)))
         deadline = self._stop.deadline or 0.0
-        await self._idle(min(SWEEP_INTERVAL, max(deadline - time.monotonic(), 0.0)))
+        now = time.monotonic()
+        await self._idle(min(next_sweep - now, deadline - now))
         return True
 
     async def _release_unfinished(self) -> None:
-        slots = list(self._slots.values())
+        """Stage two: cancel every handler that has not finished and give its
+        run back (claimable at once; an attempt used only if it had started)."""
+        slots = [slot for slot in self._slots.values() if not slot.lost]
         if not slots:
             return
         log.warning(
@@ -294,15 +351,22 @@ class AsyncWorker:
         for slot in slots:
             if slot.task is not None:
                 slot.task.cancel()  # an asyncio handler can be stopped, unlike a thread
+        for slot in slots:
             try:
                 await self.executor.release(
                     slot.run, self.worker_id, self.claim_timeout, slot.started
                 )
             except Exception:
+                # Its lease still runs out: the sweep of another worker retries it.
                 log.exception("could not release run %s", slot.run.run_id)
-        await asyncio.gather(*(s.task for s in slots if s.task is not None), return_exceptions=True)
+        tasks = [slot.task for slot in self._slots.values() if slot.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=CANCELLED_HANDLER_GRACE)
+            for task in pending:  # a handler that swallowed CancelledError: fenced anyway
+                log.warning("%s ignored its cancellation; left running", task.get_name())
 
     async def _guard(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """Call ``fn``; while the database is unreachable, back off and log once."""
         try:
             result = await fn(*args)
         except Exception as exc:
@@ -329,28 +393,29 @@ class AsyncWorker:
         return result
 
 
-_FAILED = object()
+_FAILED = object()  # what _guard returns for a call that raised
 
 
 def _install_signal_handlers(
     loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]
 ) -> Callable[[], None]:
-    """SIGTERM/SIGINT stop the worker, when it runs in the main thread's loop."""
+    """SIGTERM/SIGINT stop the worker, when it runs in the main thread's loop.
+    The previous handlers come back when the worker returns."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    installed = []
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    installed = []
     for sig in previous:
         try:
             loop.add_signal_handler(sig, on_signal, sig)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # not a Unix loop, or not main
-            pass
+        except (NotImplementedError, RuntimeError, ValueError):  # not a Unix loop, or not main
+            continue
+        installed.append(sig)
 
     def restore() -> None:
         for sig in installed:
             loop.remove_signal_handler(sig)
-            signal.signal(sig, previous[sig])
+            restore_signal_handler(sig, previous[sig])
 
     return restore
 
