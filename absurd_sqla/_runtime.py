@@ -3,14 +3,27 @@ timings, the two-stage stop, the pool check and log wording."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
 import socket
+import threading
 import time
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from ._app import WorkerSettings
+from ._outage import Outage
+from ._retry import is_disconnect
+
+
+class _Worker(Protocol):
+    settings: WorkerSettings
+
+    def stop(self, *, now: bool = False) -> None: ...
+
+
+W = TypeVar("W", bound=_Worker)
 
 SWEEP_INTERVAL = 1.0  # seconds between expired-lease sweeps of a running worker
 LISTEN_RETRY_MIN, LISTEN_RETRY_MAX = 0.5, 30.0  # reconnect backoff of the listener, seconds
@@ -103,3 +116,68 @@ def pool_warning(pool: Any, settings: WorkerSettings, shared_need: int) -> str |
         f"one spare{others}); handlers will wait for connections "
         "(raise pool_size/max_overflow)"
     )
+
+
+def database_failed(outage: Outage, log: logging.Logger, worker_id: str, exc: Exception) -> float:
+    """Record a failed call of a worker loop and log it (a warning only for the
+    first failure of an outage); return the seconds to pause."""
+    first, delay = outage.failed(time.monotonic())
+    if first:
+        log.warning(
+            "worker %s: database unreachable or failing (%s); retrying with backoff "
+            "until it is back",
+            worker_id,
+            summary(exc),
+            exc_info=not is_disconnect(exc),
+        )
+    else:
+        log.debug("worker %s: database still failing: %s", worker_id, summary(exc))
+    return delay
+
+
+def database_succeeded(outage: Outage, log: logging.Logger, worker_id: str) -> None:
+    """Record a successful call; log one line if it ended an outage."""
+    ended = outage.recovered(time.monotonic())
+    if ended is not None:
+        log.warning(
+            "worker %s: database is back after %.1fs (%d failed attempt(s))", worker_id, *ended
+        )
+
+
+class RunningWorkers(Generic[W]):
+    """The workers one client runs, so ``stop_worker()`` reaches all of them.
+
+    A stop that comes while none runs is remembered: the next worker to start
+    returns at once (the "start a thread, stop it" race). Both runtimes wrap
+    their worker's ``run`` between ``enter`` and ``leave``.
+    """
+
+    def __init__(self) -> None:
+        self._running: list[W] = []
+        self._lock = threading.Lock()
+        self._stop_pending = False
+
+    def enter(self, worker: W) -> int | None:
+        """Register ``worker``: the pool connections the others need, or None if a
+        stop was pending (then it must not run)."""
+        with self._lock:
+            if self._stop_pending:
+                self._stop_pending = False
+                return None
+            shared_need = sum(w.settings.connections_needed for w in self._running)
+            self._running.append(worker)
+            return shared_need
+
+    def leave(self, worker: W) -> None:
+        with self._lock:
+            self._running.remove(worker)
+
+    def running(self) -> list[W]:
+        with self._lock:
+            return list(self._running)
+
+    def stop(self, *, now: bool = False) -> None:
+        with self._lock:
+            self._stop_pending = not self._running
+            for worker in self._running:
+                worker.stop(now=now)

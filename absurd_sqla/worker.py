@@ -31,7 +31,10 @@ from ._runtime import (
     LISTEN_RETRY_MIN,
     SIGNAL_CHECK_INTERVAL,
     SWEEP_INTERVAL,
+    RunningWorkers,
     StopState,
+    database_failed,
+    database_succeeded,
     pool_warning,
     restore_signal_handler,
     summary,
@@ -274,26 +277,9 @@ class Worker:
         try:
             result = fn(*args)
         except Exception as exc:
-            first, delay = self._outage.failed(time.monotonic())
-            if first:
-                log.warning(
-                    "worker %s: database unreachable or failing (%s); retrying with backoff "
-                    "until it is back",
-                    self.worker_id,
-                    summary(exc),
-                    exc_info=not is_disconnect(exc),
-                )
-            else:
-                log.debug("worker %s: database still failing: %s", self.worker_id, summary(exc))
-            self._idle(delay)
+            self._idle(database_failed(self._outage, log, self.worker_id, exc))
             return _FAILED
-        ended = self._outage.recovered(time.monotonic())
-        if ended is not None:
-            log.warning(
-                "worker %s: database is back after %.1fs (%d failed attempt(s))",
-                self.worker_id,
-                *ended,
-            )
+        database_succeeded(self._outage, log, self.worker_id)
         return result
 
 
@@ -319,37 +305,14 @@ def _install_signal_handlers(on_signal: Callable[[int], None]) -> Callable[[], N
     return restore
 
 
-class Workers:
-    """The workers one client runs, so ``stop_worker()`` reaches all of them.
-
-    A ``stop_worker()`` that comes while none runs is remembered: the next
-    ``run`` returns at once (the "start a thread, stop it" race).
-    """
-
-    def __init__(self) -> None:
-        self._running: list[Worker] = []
-        self._lock = threading.Lock()
-        self._stop_pending = False
+class Workers(RunningWorkers[Worker]):
+    """The workers one client runs (see ``_runtime.RunningWorkers``)."""
 
     def run(self, worker: Worker) -> None:
-        with self._lock:
-            if self._stop_pending:
-                self._stop_pending = False
-                return
-            shared_need = sum(w.settings.connections_needed for w in self._running)
-            self._running.append(worker)
+        shared_need = self.enter(worker)
+        if shared_need is None:
+            return
         try:
             worker.run(shared_need)
         finally:
-            with self._lock:
-                self._running.remove(worker)
-
-    def running(self) -> list[Worker]:
-        with self._lock:
-            return list(self._running)
-
-    def stop(self, *, now: bool = False) -> None:
-        with self._lock:
-            self._stop_pending = not self._running
-            for worker in self._running:
-                worker.stop(now=now)
+            self.leave(worker)

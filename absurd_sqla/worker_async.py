@@ -37,7 +37,10 @@ from ._runtime import (
     LISTEN_RETRY_MAX,
     LISTEN_RETRY_MIN,
     SWEEP_INTERVAL,
+    RunningWorkers,
     StopState,
+    database_failed,
+    database_succeeded,
     pool_warning,
     restore_signal_handler,
     summary,
@@ -370,26 +373,9 @@ class AsyncWorker:
         try:
             result = await fn(*args)
         except Exception as exc:
-            first, delay = self._outage.failed(time.monotonic())
-            if first:
-                log.warning(
-                    "worker %s: database unreachable or failing (%s); retrying with backoff "
-                    "until it is back",
-                    self.worker_id,
-                    summary(exc),
-                    exc_info=not is_disconnect(exc),
-                )
-            else:
-                log.debug("worker %s: database still failing: %s", self.worker_id, summary(exc))
-            await self._idle(delay)
+            await self._idle(database_failed(self._outage, log, self.worker_id, exc))
             return _FAILED
-        ended = self._outage.recovered(time.monotonic())
-        if ended is not None:
-            log.warning(
-                "worker %s: database is back after %.1fs (%d failed attempt(s))",
-                self.worker_id,
-                *ended,
-            )
+        database_succeeded(self._outage, log, self.worker_id)
         return result
 
 
@@ -420,34 +406,14 @@ def _install_signal_handlers(
     return restore
 
 
-class AsyncWorkers:
-    """The workers one client runs, so ``stop_worker()`` reaches all of them.
-    A stop that comes while none runs is remembered (see ``worker.Workers``)."""
-
-    def __init__(self) -> None:
-        self._running: list[AsyncWorker] = []
-        self._lock = threading.Lock()
-        self._stop_pending = False
+class AsyncWorkers(RunningWorkers[AsyncWorker]):
+    """The workers one client runs (see ``_runtime.RunningWorkers``)."""
 
     async def run(self, worker: AsyncWorker) -> None:
-        with self._lock:
-            if self._stop_pending:
-                self._stop_pending = False
-                return
-            shared_need = sum(w.settings.connections_needed for w in self._running)
-            self._running.append(worker)
+        shared_need = self.enter(worker)
+        if shared_need is None:
+            return
         try:
             await worker.run(shared_need)
         finally:
-            with self._lock:
-                self._running.remove(worker)
-
-    def running(self) -> list[AsyncWorker]:
-        with self._lock:
-            return list(self._running)
-
-    def stop(self, *, now: bool = False) -> None:
-        with self._lock:
-            self._stop_pending = not self._running
-            for worker in self._running:
-                worker.stop(now=now)
+            self.leave(worker)
