@@ -49,6 +49,7 @@ class WorkerSettings:
     concurrency: int = 1
     poll_interval: float = 0.25
     shutdown_timeout: float | None = None
+    handle_signals: bool = True
 
     @property
     def connections_needed(self) -> int:
@@ -67,6 +68,7 @@ class WorkerSettings:
         concurrency: object = 1,
         poll_interval: object = 0.25,
         shutdown_timeout: object = None,
+        handle_signals: object = True,
     ) -> WorkerSettings:
         return cls(
             queue=queue,
@@ -76,6 +78,7 @@ class WorkerSettings:
             concurrency=_core.check_positive_int("concurrency", concurrency),
             poll_interval=_core.check_poll_interval(poll_interval),
             shutdown_timeout=_core.check_seconds("shutdown_timeout", shutdown_timeout),
+            handle_signals=_core.check_flag("handle_signals", handle_signals),
         )
 
 

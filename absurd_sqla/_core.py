@@ -151,6 +151,12 @@ def check_positive_int(kind: str, value: object) -> int:
     return value
 
 
+def check_flag(kind: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{kind} must be True or False, got {show(value)}")
+    return value
+
+
 def check_claim_timeout(value: object) -> float:
     """Seconds a claim holds its lease; 0 (or less, returned as 0) means the
     lease never expires."""

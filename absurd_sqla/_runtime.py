@@ -41,6 +41,10 @@ def summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def nothing_to_restore() -> None:
+    """The restore step when no signal handler was installed."""
+
+
 def restore_signal_handler(signum: int, previous: Any) -> None:
     """Put back a handler ``signal.getsignal`` returned. ``None`` means one
     installed outside Python, which cannot be reinstalled: the default then."""

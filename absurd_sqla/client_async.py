@@ -309,8 +309,8 @@ class AsyncAbsurd:
         *,
         queue: str | None = None,
     ) -> int:
-        """Claim up to ``batch_size`` runs, run each to completion or suspension
-        in this thread, and return how many were claimed."""
+        """Claim up to ``batch_size`` runs, run them one after another to
+        completion or suspension, and return how many were claimed."""
         settings = WorkerSettings.checked(
             self._core.queue(queue), worker_id, claim_timeout, batch_size
         )
@@ -326,6 +326,7 @@ class AsyncAbsurd:
         *,
         queue: str | None = None,
         shutdown_timeout: float | None = None,
+        handle_signals: bool = True,
     ) -> None:
         """Run until :meth:`stop_worker`, SIGTERM or SIGINT; in-flight tasks finish.
 
@@ -337,11 +338,15 @@ class AsyncAbsurd:
         no attempt, one that started fails as ``$WorkerShutdown`` and is
         retried at once).
 
-        May run in a background thread (signal handlers are installed only
-        from the main thread). ``concurrency`` handlers run at once, in threads.
-        A :meth:`stop_worker` that came while no worker was running is not
-        lost: this call then returns at once (the "start a thread, stop it"
-        race).
+        ``concurrency`` handlers run at once (threads for ``Absurd``, asyncio
+        tasks for ``AsyncAbsurd``); a finished one frees its slot at once.
+        SIGTERM and SIGINT handlers are installed only from the main thread,
+        and only with ``handle_signals=True``: pass False when the host (a
+        web server running the worker in its lifespan, say) owns the signals
+        and calls :meth:`stop_worker` itself. The previous handlers come back
+        when the worker returns. A :meth:`stop_worker` that came while no
+        worker was running is not lost: this call then returns at once (the
+        "start a worker, stop it" race).
         """
         settings = WorkerSettings.checked(
             self._core.queue(queue),
@@ -351,6 +356,7 @@ class AsyncAbsurd:
             concurrency,
             poll_interval,
             shutdown_timeout,
+            handle_signals,
         )
         await self._workers.run(AsyncWorker(self._executor, settings))
 

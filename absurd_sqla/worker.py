@@ -35,6 +35,7 @@ from ._runtime import (
     StopState,
     database_failed,
     database_succeeded,
+    nothing_to_restore,
     pool_warning,
     restore_signal_handler,
     summary,
@@ -206,7 +207,11 @@ class Worker:
             log.warning(warning)
         listener = Listener(self.engine, channel_for(self.queue), self._wake)
         listener.start()
-        restore = _install_signal_handlers(self._stop.signal)
+        restore = (
+            _install_signal_handlers(self._stop.signal)
+            if self.settings.handle_signals
+            else nothing_to_restore
+        )
         try:
             self._loop()
             if self.stopping_now:
@@ -289,7 +294,7 @@ _FAILED = object()  # what _guard returns for a call that raised
 def _install_signal_handlers(on_signal: Callable[[int], None]) -> Callable[[], None]:
     """SIGTERM/SIGINT stop the worker gracefully; only possible from the main thread."""
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return nothing_to_restore
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handle(signum: int, frame: object) -> None:

@@ -41,6 +41,7 @@ from ._runtime import (
     StopState,
     database_failed,
     database_succeeded,
+    nothing_to_restore,
     pool_warning,
     restore_signal_handler,
     summary,
@@ -210,7 +211,11 @@ class AsyncWorker:
             log.warning(warning)
         listener = AsyncListener(self.engine, channel_for(self.queue), self._wake_soon)
         listening = asyncio.create_task(listener.run(), name="absurd-listen")
-        restore = _install_signal_handlers(self._loop, self._on_signal)
+        restore = (
+            _install_signal_handlers(self._loop, self._on_signal)
+            if self.settings.handle_signals
+            else nothing_to_restore
+        )
         # The loop runs in a task of its own, so a cancellation of ours never
         # lands in the middle of a claim (whose runs would then be stranded).
         looping = asyncio.create_task(self._serve(), name="absurd-worker-loop")
@@ -388,7 +393,7 @@ def _install_signal_handlers(
     """SIGTERM/SIGINT stop the worker, when it runs in the main thread's loop.
     The previous handlers come back when the worker returns."""
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+        return nothing_to_restore
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     installed = []
     for sig in previous:

@@ -465,6 +465,33 @@ def test_a_second_signal_stops_now(clean_db: Engine, database_url: str, signum: 
     ]
 
 
+@pytest.mark.parametrize("handle_signals", [True, False])
+@async_test
+async def test_handle_signals_false_leaves_the_hosts_handlers_alone(
+    clean_db: Engine, database_url: str, handle_signals: bool
+) -> None:
+    """In the main thread's loop, ``handle_signals=False`` installs nothing: the
+    host (uvicorn, say) keeps SIGTERM/SIGINT and calls ``stop_worker`` itself."""
+    seen: list[Any] = []
+    with sentinel_handlers():
+        host = signal.getsignal(signal.SIGTERM)
+        async with async_app_for(database_url) as app:
+
+            @app.register_task("look")
+            async def look(params: Any, ctx: Any) -> None:
+                seen.append(signal.getsignal(signal.SIGTERM))
+                app.stop_worker()
+
+            await app.spawn("look", {})
+            await within(
+                app.start_worker(poll_interval=0.05, handle_signals=handle_signals),
+                "the worker stopped",
+            )
+            after = signal.getsignal(signal.SIGTERM)
+    assert after is host
+    assert (seen[0] is host) is not handle_signals
+
+
 # -- stopping now ----------------------------------------------------------------------
 
 

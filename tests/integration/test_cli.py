@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import create_engine, inspect
 
 from absurd_sqla import Absurd
@@ -34,16 +35,34 @@ def test_migrate_up_and_down(fresh_database: str) -> None:
     engine.dispose()
 
 
-def test_worker_runs_tasks_and_stops_on_sigterm(fresh_database: str, tmp_path: Path) -> None:
-    assert run_cli("migrate", "--url", fresh_database).returncode == 0
-    (tmp_path / "cli_tasks.py").write_text(
+APPS = {
+    "sync": (
         "import os\n"
         "from absurd_sqla import Absurd\n"
         "app = Absurd(os.environ['ABSURD_DATABASE_URL'])\n"
         "@app.register_task('double')\n"
         "def double(params, ctx):\n"
         "    return ctx.step('x2', lambda: params['n'] * 2)\n"
-    )
+    ),
+    "async": (
+        "import os\n"
+        "from absurd_sqla import AsyncAbsurd\n"
+        "app = AsyncAbsurd(os.environ['ABSURD_DATABASE_URL'])\n"
+        "@app.register_task('double')\n"
+        "async def double(params, ctx):\n"
+        "    async def x2():\n"
+        "        return params['n'] * 2\n"
+        "    return await ctx.step('x2', x2)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(APPS))
+def test_worker_runs_tasks_and_stops_on_sigterm(
+    fresh_database: str, tmp_path: Path, kind: str
+) -> None:
+    assert run_cli("migrate", "--url", fresh_database).returncode == 0
+    (tmp_path / "cli_tasks.py").write_text(APPS[kind])
     client = Absurd(fresh_database)
     client.create_queue()
     spawned = client.spawn("double", {"n": 21})
@@ -69,3 +88,16 @@ def test_bad_app_target_is_a_clear_error() -> None:
     done = run_cli("worker", "no_colon_here")
     assert done.returncode != 0
     assert "MODULE:ATTRIBUTE" in done.stderr
+
+
+def test_a_target_that_is_not_a_client_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "not_a_client.py").write_text("app = object()\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "absurd_sqla.cli", "worker", "not_a_client:app"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert "is not an absurd_sqla.Absurd or AsyncAbsurd instance" in done.stderr

@@ -184,6 +184,9 @@ def test_work_batch_arguments_are_checked(
         {"concurrency": 2.0},
         {"batch_size": 0},
         {"claim_timeout": None},
+        {"shutdown_timeout": -1},
+        {"handle_signals": "no"},
+        {"handle_signals": 0},
     ],
 )
 def test_start_worker_arguments_are_checked_before_it_starts(

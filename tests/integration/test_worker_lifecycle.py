@@ -398,6 +398,33 @@ def test_signal_stops_a_main_thread_worker_gracefully(app: Absurd, signum: signa
     assert snapshot.result == "finished"
 
 
+@pytest.mark.parametrize("handle_signals", [True, False])
+def test_handle_signals_false_leaves_the_hosts_handlers_alone(
+    app: Absurd, handle_signals: bool
+) -> None:
+    """A host that owns SIGTERM/SIGINT (a web server) passes ``handle_signals=False``:
+    while the worker runs in the main thread, the host's handlers stay in place."""
+    seen: list[Any] = []
+
+    @app.register_task("look")
+    def look(params: dict[str, Any], ctx: Any) -> None:
+        seen.append(signal.getsignal(signal.SIGTERM))
+        app.stop_worker()
+
+    def host(sig: int, frame: object) -> None:
+        pass
+
+    app.spawn("look", {})
+    previous = signal.signal(signal.SIGTERM, host)
+    try:
+        app.start_worker(poll_interval=0.05, handle_signals=handle_signals)
+        after = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert after is host
+    assert (seen[0] is host) is not handle_signals
+
+
 @contextlib.contextmanager
 def idle_listening_worker(app: Absurd, engine: Engine, **kwargs: Any) -> Iterator[list[int]]:
     """A worker thread with ``poll_interval=30`` that is idle and LISTENing.
