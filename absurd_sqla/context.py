@@ -89,7 +89,9 @@ class TaskContext:
         return decorate
 
     def begin_step(self, name: str) -> StepHandle:
-        """First half of a step: ``handle.done`` tells whether ``handle.state`` is stored."""
+        """First half of a step: ``handle.done`` tells whether ``handle.state`` is stored.
+
+        It does no I/O: the run's checkpoints were loaded with the run."""
         return self._state.begin(name)
 
     def complete_step(self, handle: StepHandle, value: T) -> T:

@@ -88,8 +88,10 @@ class AsyncTaskContext:
 
         return decorate
 
-    def begin_step(self, name: str) -> StepHandle:
-        """First half of a step: ``handle.done`` tells whether ``handle.state`` is stored."""
+    async def begin_step(self, name: str) -> StepHandle:
+        """First half of a step: ``handle.done`` tells whether ``handle.state`` is stored.
+
+        It does no I/O: the run's checkpoints were loaded with the run."""
         return self._state.begin(name)
 
     async def complete_step(self, handle: StepHandle, value: T) -> T:

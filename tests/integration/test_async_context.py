@@ -247,11 +247,11 @@ async def test_run_step_forms_and_begin_complete_step(database_url: str, clean_d
                 return 3
 
             values = [await bare, await called, await anything]
-            handle = ctx.begin_step("manual")
+            handle = await ctx.begin_step("manual")
             seen.append((handle.done, handle.state, handle.checkpoint_name))
             manual = handle.state if handle.done else await ctx.complete_step(handle, {"m": 4})
             # complete_step on a done handle returns the stored value, storing nothing
-            again = await ctx.complete_step(ctx.begin_step("manual"), {"m": "ignored"})
+            again = await ctx.complete_step(await ctx.begin_step("manual"), {"m": "ignored"})
             await ctx.sleep_for("nap", 1)
             return [*values, manual, again]
 
@@ -580,6 +580,10 @@ async def test_sigkilled_async_worker_transaction_step_is_exactly_once(
 # -- leases and fencing ------------------------------------------------------------------
 
 
+async def begin_and_complete(ctx: AsyncTaskContext, name: str) -> Any:
+    return await ctx.complete_step(await ctx.begin_step(name), 1)
+
+
 def _fenced_op(name: str) -> Callable[[AsyncTaskContext], Awaitable[Any]]:
     async def tx(session: AsyncSession) -> int:
         session.add(Order(email="fenced@example.com", amount=1))
@@ -587,7 +591,7 @@ def _fenced_op(name: str) -> Callable[[AsyncTaskContext], Awaitable[Any]]:
 
     ops: dict[str, Callable[[AsyncTaskContext], Awaitable[Any]]] = {
         "step": lambda ctx: ctx.step("s", value(1)),
-        "complete_step": lambda ctx: ctx.complete_step(ctx.begin_step("h"), 1),
+        "complete_step": lambda ctx: begin_and_complete(ctx, "h"),
         "transaction_step": lambda ctx: ctx.transaction_step("tx", tx),
         "spawn": lambda ctx: ctx.spawn("child", {}),
         "emit_event": lambda ctx: ctx.emit_event("ev", 1),
@@ -1145,7 +1149,7 @@ async def test_max_duration_is_enforced_at_a_checkpoint(
 
         calls: dict[str, Callable[[AsyncTaskContext], Awaitable[Any]]] = {
             "step": lambda ctx: ctx.step("a", value(1)),
-            "complete_step": lambda ctx: ctx.complete_step(ctx.begin_step("a"), 1),
+            "complete_step": lambda ctx: begin_and_complete(ctx, "a"),
             "transaction_step": lambda ctx: ctx.transaction_step("a", write),
             "heartbeat": lambda ctx: ctx.heartbeat(),
         }

@@ -19,9 +19,8 @@ PAIRS = [(Absurd, AsyncAbsurd), (TaskContext, AsyncTaskContext)]
 NOT_COROUTINES: dict[type, set[str]] = {
     # A decorator applied at import time, and a stop callable from any thread.
     AsyncAbsurd: {"register_task", "stop_worker"},
-    # begin_step only reads the run's checkpoints (no I/O); run_step is a
-    # decorator whose result is the awaitable.
-    AsyncTaskContext: {"begin_step", "run_step"},
+    # run_step is a decorator whose result is the awaitable.
+    AsyncTaskContext: {"run_step"},
 }
 PROPERTIES: dict[type, set[str]] = {
     AsyncAbsurd: {"engine", "session_factory", "queue_name"},
