@@ -85,7 +85,7 @@ class AsyncSide:
 
         @self.app.register_task(WAITER)
         async def waiter(params: dict[str, Any], ctx: AsyncTaskContext) -> None:
-            handle = ctx.begin_step("announce")
+            handle = await ctx.begin_step("announce")
             if not handle.done:
                 await ctx.complete_step(handle, True)
                 self.suspending.release()  # about to suspend on the event
