@@ -3,6 +3,16 @@
 from ._app import Hooks
 from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot, uuid7
 from ._current import get_current_context
+from ._inspect import (
+    CheckpointInfo,
+    ChildInfo,
+    QueueStats,
+    RunInfo,
+    TaskDetail,
+    TaskPage,
+    TaskSummary,
+    WaitInfo,
+)
 from ._run import StepHandle
 from .client import Absurd
 from .client_async import AsyncAbsurd
@@ -17,6 +27,7 @@ from .errors import (
     NotSerializable,
     QueueMismatch,
     QueueNotFound,
+    SchemaNotCurrent,
     SuspendTask,
     TaskAlreadyRegistered,
     TaskNotFound,
@@ -32,6 +43,8 @@ __all__ = [
     "AsyncAbsurd",
     "AsyncTaskContext",
     "CancelledTask",
+    "CheckpointInfo",
+    "ChildInfo",
     "Hooks",
     "InvalidArgument",
     "InvalidQueueName",
@@ -39,17 +52,24 @@ __all__ = [
     "NotSerializable",
     "QueueMismatch",
     "QueueNotFound",
+    "QueueStats",
+    "RunInfo",
+    "SchemaNotCurrent",
     "SpawnRequest",
     "SpawnResult",
     "StepHandle",
     "SuspendTask",
     "TaskAlreadyRegistered",
     "TaskContext",
+    "TaskDetail",
     "TaskNotFound",
+    "TaskPage",
     "TaskResultSnapshot",
     "TaskSignal",
     "TaskStateError",
+    "TaskSummary",
     "TimeoutError",
+    "WaitInfo",
     "get_current_context",
     "metadata",
     "uuid7",

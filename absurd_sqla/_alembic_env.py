@@ -10,9 +10,8 @@ from sqlalchemy import Connection, Engine, create_engine, pool
 from sqlalchemy.engine import URL
 
 from ._engine import default_url, normalize_url
+from .migrate import VERSION_TABLE, refuse_foreign_history
 from .models import SCHEMA, metadata
-
-VERSION_TABLE = "absurd_alembic_version"
 
 
 def _include_object(
@@ -77,6 +76,9 @@ def run(context: EnvironmentContext) -> None:
 
 
 def _migrate_on(context: EnvironmentContext, connection: Connection) -> None:
+    if context.config.attributes.get("absurd_guard"):
+        # migrate.upgrade(): refuse a schema another history manages, before any DDL.
+        refuse_foreign_history(connection)
     _configure(context, connection=connection)
     with context.begin_transaction():
         context.run_migrations()

@@ -20,9 +20,9 @@ from typing import Any
 from . import _core
 from ._core import SpawnResult, TaskResultSnapshot
 from .errors import InvalidArgument
+from .models import PARENT_HEADER
 
 TASK_EVENT_PREFIX = "$task:"
-PARENT_HEADER = "absurd.parent_task_id"
 
 
 def is_child(headers: Mapping[str, Any] | None) -> bool:

@@ -8,6 +8,7 @@ around it (``worker.py``) — ``work_batch`` is this module alone.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,10 +16,20 @@ from sqlalchemy import Row
 from sqlalchemy.sql import Executable
 
 from . import _children, _ops
+from . import _sql as sql
 from . import _sql_worker as sqlw
 from ._app import AppCore, WorkerSettings
 from ._current import running
 from ._db import Database
+from ._logs import (
+    about,
+    completed_message,
+    failure_message,
+    fields,
+    logger,
+    queue_extra,
+    run_extra,
+)
 from ._run import (
     CLAIM_TIMEOUT_REASON,
     SHUTDOWN_REASON,
@@ -27,10 +38,11 @@ from ._run import (
     fail_params,
     failure_reason,
 )
+from ._runtime import summary
 from .context import TaskContext
-from .errors import NotSerializable, TaskSignal
+from .errors import CancelledTask, LeaseLost, NotSerializable, SuspendTask, TaskSignal
 
-log = logging.getLogger("absurd_sqla.worker")
+log = logger()
 
 
 class Executor:
@@ -54,8 +66,13 @@ class Executor:
         )
         return [ClaimedRun.from_row(row) for row in rows]
 
+    def queue_exists(self, queue: str) -> bool:
+        """Whether ``queue`` was created (a worker checks once, at start)."""
+        return bool(self.db.all(sql.existing_queues, {"queues": [queue]}))
+
     def sweep_expired(self, queue: str) -> int:
         """Fail runs whose lease expired as ``$ClaimTimeout`` (retrying per their task)."""
+        failed: list[tuple[Any, Row[Any]]] = []
         with self.db.transaction() as conn:
             expired = conn.execute(sqlw.expired_runs, {"queue": queue}).all()
             for row in expired:
@@ -71,8 +88,29 @@ class Executor:
                 result = conn.execute(sqlw.fail_run, params).one()
                 if not result.retried:
                     _ops.announce_done(conn, row.task_id, row.queue_name, row.headers)
+                failed.append((row, result))
+        # Logged once committed: a rolled-back sweep failed nothing.
+        for lapsed, result in failed:
+            _log_failure(
+                lapsed.task_name,
+                lapsed.max_attempts,
+                fields(
+                    task_id=lapsed.task_id,
+                    run_id=lapsed.run_id,
+                    task_name=lapsed.task_name,
+                    queue=lapsed.queue_name,
+                    attempt=lapsed.attempt,
+                ),
+                _reason_text(CLAIM_TIMEOUT_REASON),
+                result,
+            )
         if expired:
-            log.warning("failed %d run(s) whose lease expired on queue %r", len(expired), queue)
+            log.warning(
+                "failed %d run(s) whose lease expired on queue %r",
+                len(expired),
+                queue,
+                extra=queue_extra(queue),
+            )
         return len(expired)
 
     def still_held(self, run: ClaimedRun, claim_timeout: float) -> bool:
@@ -90,7 +128,13 @@ class Executor:
             # Runs wait their turn here: renew each lease before starting it, and
             # skip a run whose lease ran out meanwhile (the sweep retries it).
             if position and not self.still_held(run, settings.claim_timeout):
-                log.warning("run %s lost its lease before it started; skipped", run.run_id)
+                log.warning(
+                    "task %s (%s): run %s lost its lease before it started; skipped",
+                    run.task_name,
+                    run.task_id,
+                    run.run_id,
+                    extra=run_extra(run),
+                )
                 continue
             self.execute(run, settings.worker_id, settings.claim_timeout)
         return len(claimed)
@@ -115,7 +159,13 @@ class Executor:
                 self._turn_away(run, violation)
             except Exception as exc:
                 # Never strand the rest of a batch: record this run's failure instead.
-                log.exception("could not hand back run %s", run.run_id)
+                log.exception(
+                    "task %s (%s): could not hand back run %s",
+                    run.task_name,
+                    run.task_id,
+                    run.run_id,
+                    extra=run_extra(run),
+                )
                 self._fail(state, exc)
             return
         ctx = TaskContext(self.db, self.core, state)
@@ -126,11 +176,12 @@ class Executor:
 
         if on_start is not None:
             on_start()
+        started = time.monotonic()
         try:
             with running(ctx):
                 result = wrap(ctx, call) if wrap is not None else call()
         except TaskSignal as signal_:
-            log.debug("run %s stopped: %r", run.run_id, signal_)
+            _log_signal(run, signal_)
             return
         except Exception as exc:
             self._fail(state, exc)
@@ -143,11 +194,19 @@ class Executor:
         row = self._record_outcome(run, sqlw.complete_run, params, lambda row: bool(row.owned))
         if not row.owned:
             log.warning(
-                "discarded the result of run %s: it is %s and no longer held by this worker "
-                "(cancelled, failed, or its lease expired)",
+                "task %s (%s): discarded the result of run %s: it is %s and no longer held "
+                "by this worker (cancelled, failed, or its lease expired)",
+                run.task_name,
+                run.task_id,
                 run.run_id,
                 row.run_state,
+                extra=run_extra(run),
             )
+            return
+        log.info(
+            completed_message(run.task_name, run.task_id, time.monotonic() - started, run.attempt),
+            extra=run_extra(run),
+        )
 
     def release(self, run: ClaimedRun, worker_id: str, claim_timeout: float, started: bool) -> None:
         """Give back a run a stopping worker will not finish, claimable at once.
@@ -159,6 +218,14 @@ class Executor:
         """
         if not started:
             self.db.one(sqlw.defer_run, run.defer_params(delay=0.0))
+            log.info(
+                "task %s (%s): run %s handed back before its handler started (no attempt "
+                "used): the worker stopped",
+                run.task_name,
+                run.task_id,
+                run.run_id,
+                extra=run_extra(run),
+            )
             return
         state = RunState(run, worker_id, claim_timeout)
         params = state.fail_params(SHUTDOWN_REASON, delay=0.0)
@@ -166,23 +233,32 @@ class Executor:
             run, sqlw.fail_run, params, lambda row: bool(row.owned and not row.retried)
         )
         if row.owned:
-            log.warning(
-                "released run %s of task %s (attempt %d) unfinished: the worker stopped",
-                run.run_id,
-                run.task_id,
-                run.attempt,
+            _log_failure(
+                run.task_name, run.max_attempts, run_extra(run), _reason_text(SHUTDOWN_REASON), row
             )
 
     def _turn_away(self, run: ClaimedRun, violation: str | None) -> None:
         """A run this worker must not start: its task is unknown here (no
         ``violation``), or its cancellation policy says it is too late."""
         if violation is not None:
-            log.info("cancelling task %s: %s", run.task_id, violation)
+            log.info(
+                "cancelling task %s (%s): %s",
+                run.task_name,
+                run.task_id,
+                violation,
+                extra=run_extra(run),
+            )
             with self.db.transaction() as conn:
                 _ops.cancel(conn, self.core.task_params(run.task_id, None))
             return
         # Unknown here (e.g. mid-deploy): hand it back for a worker that knows it.
-        log.warning("no handler for task %r; deferring run %s", run.task_name, run.run_id)
+        log.warning(
+            "no handler for task %r here; deferring run %s of task %s",
+            run.task_name,
+            run.run_id,
+            run.task_id,
+            extra=run_extra(run),
+        )
         self.db.one(sqlw.defer_run, run.defer_params())
 
     def _record_outcome(
@@ -203,7 +279,8 @@ class Executor:
                     _ops.announce_done(conn, run.task_id, run.queue_name, run.headers)
             return row
 
-        return self.db.retrying(statement, params, attempt)
+        with about(run):  # records of the retries name the run
+            return self.db.retrying(statement, params, attempt)
 
     def _fail(self, state: RunState, exc: BaseException) -> None:
         run = state.run
@@ -215,13 +292,66 @@ class Executor:
         )
         if not row.owned:
             log.warning(
-                "could not record the failure of run %s: it is %s", run.run_id, row.run_state
+                "task %s (%s): could not record the failure of run %s (%s): it is %s",
+                run.task_name,
+                run.task_id,
+                run.run_id,
+                summary(exc),
+                row.run_state,
+                extra=run_extra(run),
             )
         else:
-            log.info(
-                "run %s of task %s failed (attempt %d): %r",
-                run.run_id,
-                run.task_id,
-                run.attempt,
-                exc,
-            )
+            _log_failure(run.task_name, run.max_attempts, run_extra(run), summary(exc), row, exc)
+
+
+def _reason_text(reason: Mapping[str, Any]) -> str:
+    return f"{reason['name']}: {reason['message']}"
+
+
+def _log_failure(
+    task_name: str,
+    max_attempts: int | None,
+    extra: Mapping[str, Any],
+    error: str,
+    row: Row[Any],
+    exc: BaseException | None = None,
+) -> None:
+    """Log a failure ``fail_run`` recorded (``row``): a retry at WARNING, with the
+    time and attempt the database scheduled; a final failure at ERROR, with the
+    traceback."""
+    level, message = failure_message(
+        task_name,
+        extra["task_id"],
+        error,
+        attempt=extra["attempt"],
+        max_attempts=max_attempts,
+        retry_at=row.retry_at if row.retried else None,
+        next_attempt=row.next_attempt if row.retried else None,
+    )
+    final = level >= logging.ERROR
+    log.log(level, message, exc_info=exc if final and exc is not None else None, extra=extra)
+
+
+def _log_signal(run: ClaimedRun, signal_: TaskSignal) -> None:
+    """A handler stopped by a signal: suspended (DEBUG), cancelled (INFO), or
+    its run taken away (WARNING)."""
+    task = f"task {run.task_name} ({run.task_id})"
+    if isinstance(signal_, SuspendTask):
+        log.debug("%s suspended, attempt %d: %s", task, run.attempt, signal_, extra=run_extra(run))
+    elif isinstance(signal_, CancelledTask):
+        log.info(
+            "%s was cancelled while running, attempt %d; its handler stopped",
+            task,
+            run.attempt,
+            extra=run_extra(run),
+        )
+    elif isinstance(signal_, LeaseLost):
+        log.warning(
+            "%s stopped, attempt %d: %s",
+            task,
+            run.attempt,
+            signal_,
+            extra=run_extra(run),
+        )
+    else:
+        log.debug("%s stopped: %r", task, signal_, extra=run_extra(run))

@@ -6,6 +6,7 @@ around it (``worker.py``) — ``work_batch`` is this module alone.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,10 +14,20 @@ from sqlalchemy import Row
 from sqlalchemy.sql import Executable
 
 from . import _children, _ops_async
+from . import _sql as sql
 from . import _sql_worker as sqlw
 from ._app import AppCore, WorkerSettings
 from ._current import running
 from ._db_async import AsyncDatabase
+from ._logs import (
+    about,
+    completed_message,
+    failure_message,
+    fields,
+    logger,
+    queue_extra,
+    run_extra,
+)
 from ._run import (
     CLAIM_TIMEOUT_REASON,
     SHUTDOWN_REASON,
@@ -25,10 +36,11 @@ from ._run import (
     fail_params,
     failure_reason,
 )
+from ._runtime import summary
 from .context_async import AsyncTaskContext
-from .errors import NotSerializable, TaskSignal
+from .errors import CancelledTask, LeaseLost, NotSerializable, SuspendTask, TaskSignal
 
-log = logging.getLogger("absurd_sqla.worker")
+log = logger()
 
 
 class AsyncExecutor:
@@ -52,8 +64,13 @@ class AsyncExecutor:
         )
         return [ClaimedRun.from_row(row) for row in rows]
 
+    async def queue_exists(self, queue: str) -> bool:
+        """Whether ``queue`` was created (a worker checks once, at start)."""
+        return bool(await self.db.all(sql.existing_queues, {"queues": [queue]}))
+
     async def sweep_expired(self, queue: str) -> int:
         """Fail runs whose lease expired as ``$ClaimTimeout`` (retrying per their task)."""
+        failed: list[tuple[Any, Row[Any]]] = []
         async with self.db.transaction() as conn:
             expired = (await conn.execute(sqlw.expired_runs, {"queue": queue})).all()
             for row in expired:
@@ -69,8 +86,29 @@ class AsyncExecutor:
                 result = (await conn.execute(sqlw.fail_run, params)).one()
                 if not result.retried:
                     await _ops_async.announce_done(conn, row.task_id, row.queue_name, row.headers)
+                failed.append((row, result))
+        # Logged once committed: a rolled-back sweep failed nothing.
+        for lapsed, result in failed:
+            _log_failure(
+                lapsed.task_name,
+                lapsed.max_attempts,
+                fields(
+                    task_id=lapsed.task_id,
+                    run_id=lapsed.run_id,
+                    task_name=lapsed.task_name,
+                    queue=lapsed.queue_name,
+                    attempt=lapsed.attempt,
+                ),
+                _reason_text(CLAIM_TIMEOUT_REASON),
+                result,
+            )
         if expired:
-            log.warning("failed %d run(s) whose lease expired on queue %r", len(expired), queue)
+            log.warning(
+                "failed %d run(s) whose lease expired on queue %r",
+                len(expired),
+                queue,
+                extra=queue_extra(queue),
+            )
         return len(expired)
 
     async def still_held(self, run: ClaimedRun, claim_timeout: float) -> bool:
@@ -88,7 +126,13 @@ class AsyncExecutor:
             # Runs wait their turn here: renew each lease before starting it, and
             # skip a run whose lease ran out meanwhile (the sweep retries it).
             if position and not await self.still_held(run, settings.claim_timeout):
-                log.warning("run %s lost its lease before it started; skipped", run.run_id)
+                log.warning(
+                    "task %s (%s): run %s lost its lease before it started; skipped",
+                    run.task_name,
+                    run.task_id,
+                    run.run_id,
+                    extra=run_extra(run),
+                )
                 continue
             await self.execute(run, settings.worker_id, settings.claim_timeout)
         return len(claimed)
@@ -113,7 +157,13 @@ class AsyncExecutor:
                 await self._turn_away(run, violation)
             except Exception as exc:
                 # Never strand the rest of a batch: record this run's failure instead.
-                log.exception("could not hand back run %s", run.run_id)
+                log.exception(
+                    "task %s (%s): could not hand back run %s",
+                    run.task_name,
+                    run.task_id,
+                    run.run_id,
+                    extra=run_extra(run),
+                )
                 await self._fail(state, exc)
             return
         ctx = AsyncTaskContext(self.db, self.core, state)
@@ -124,11 +174,12 @@ class AsyncExecutor:
 
         if on_start is not None:
             on_start()
+        started = time.monotonic()
         try:
             with running(ctx):
                 result = await wrap(ctx, call) if wrap is not None else await call()
         except TaskSignal as signal_:
-            log.debug("run %s stopped: %r", run.run_id, signal_)
+            _log_signal(run, signal_)
             return
         except Exception as exc:
             await self._fail(state, exc)
@@ -143,11 +194,19 @@ class AsyncExecutor:
         )
         if not row.owned:
             log.warning(
-                "discarded the result of run %s: it is %s and no longer held by this worker "
-                "(cancelled, failed, or its lease expired)",
+                "task %s (%s): discarded the result of run %s: it is %s and no longer held "
+                "by this worker (cancelled, failed, or its lease expired)",
+                run.task_name,
+                run.task_id,
                 run.run_id,
                 row.run_state,
+                extra=run_extra(run),
             )
+            return
+        log.info(
+            completed_message(run.task_name, run.task_id, time.monotonic() - started, run.attempt),
+            extra=run_extra(run),
+        )
 
     async def release(
         self, run: ClaimedRun, worker_id: str, claim_timeout: float, started: bool
@@ -161,6 +220,14 @@ class AsyncExecutor:
         """
         if not started:
             await self.db.one(sqlw.defer_run, run.defer_params(delay=0.0))
+            log.info(
+                "task %s (%s): run %s handed back before its handler started (no attempt "
+                "used): the worker stopped",
+                run.task_name,
+                run.task_id,
+                run.run_id,
+                extra=run_extra(run),
+            )
             return
         state = RunState(run, worker_id, claim_timeout)
         params = state.fail_params(SHUTDOWN_REASON, delay=0.0)
@@ -168,23 +235,32 @@ class AsyncExecutor:
             run, sqlw.fail_run, params, lambda row: bool(row.owned and not row.retried)
         )
         if row.owned:
-            log.warning(
-                "released run %s of task %s (attempt %d) unfinished: the worker stopped",
-                run.run_id,
-                run.task_id,
-                run.attempt,
+            _log_failure(
+                run.task_name, run.max_attempts, run_extra(run), _reason_text(SHUTDOWN_REASON), row
             )
 
     async def _turn_away(self, run: ClaimedRun, violation: str | None) -> None:
         """A run this worker must not start: its task is unknown here (no
         ``violation``), or its cancellation policy says it is too late."""
         if violation is not None:
-            log.info("cancelling task %s: %s", run.task_id, violation)
+            log.info(
+                "cancelling task %s (%s): %s",
+                run.task_name,
+                run.task_id,
+                violation,
+                extra=run_extra(run),
+            )
             async with self.db.transaction() as conn:
                 await _ops_async.cancel(conn, self.core.task_params(run.task_id, None))
             return
         # Unknown here (e.g. mid-deploy): hand it back for a worker that knows it.
-        log.warning("no handler for task %r; deferring run %s", run.task_name, run.run_id)
+        log.warning(
+            "no handler for task %r here; deferring run %s of task %s",
+            run.task_name,
+            run.run_id,
+            run.task_id,
+            extra=run_extra(run),
+        )
         await self.db.one(sqlw.defer_run, run.defer_params())
 
     async def _record_outcome(
@@ -205,7 +281,8 @@ class AsyncExecutor:
                     await _ops_async.announce_done(conn, run.task_id, run.queue_name, run.headers)
             return row
 
-        return await self.db.retrying(statement, params, attempt)
+        with about(run):  # records of the retries name the run
+            return await self.db.retrying(statement, params, attempt)
 
     async def _fail(self, state: RunState, exc: BaseException) -> None:
         run = state.run
@@ -217,13 +294,66 @@ class AsyncExecutor:
         )
         if not row.owned:
             log.warning(
-                "could not record the failure of run %s: it is %s", run.run_id, row.run_state
+                "task %s (%s): could not record the failure of run %s (%s): it is %s",
+                run.task_name,
+                run.task_id,
+                run.run_id,
+                summary(exc),
+                row.run_state,
+                extra=run_extra(run),
             )
         else:
-            log.info(
-                "run %s of task %s failed (attempt %d): %r",
-                run.run_id,
-                run.task_id,
-                run.attempt,
-                exc,
-            )
+            _log_failure(run.task_name, run.max_attempts, run_extra(run), summary(exc), row, exc)
+
+
+def _reason_text(reason: Mapping[str, Any]) -> str:
+    return f"{reason['name']}: {reason['message']}"
+
+
+def _log_failure(
+    task_name: str,
+    max_attempts: int | None,
+    extra: Mapping[str, Any],
+    error: str,
+    row: Row[Any],
+    exc: BaseException | None = None,
+) -> None:
+    """Log a failure ``fail_run`` recorded (``row``): a retry at WARNING, with the
+    time and attempt the database scheduled; a final failure at ERROR, with the
+    traceback."""
+    level, message = failure_message(
+        task_name,
+        extra["task_id"],
+        error,
+        attempt=extra["attempt"],
+        max_attempts=max_attempts,
+        retry_at=row.retry_at if row.retried else None,
+        next_attempt=row.next_attempt if row.retried else None,
+    )
+    final = level >= logging.ERROR
+    log.log(level, message, exc_info=exc if final and exc is not None else None, extra=extra)
+
+
+def _log_signal(run: ClaimedRun, signal_: TaskSignal) -> None:
+    """A handler stopped by a signal: suspended (DEBUG), cancelled (INFO), or
+    its run taken away (WARNING)."""
+    task = f"task {run.task_name} ({run.task_id})"
+    if isinstance(signal_, SuspendTask):
+        log.debug("%s suspended, attempt %d: %s", task, run.attempt, signal_, extra=run_extra(run))
+    elif isinstance(signal_, CancelledTask):
+        log.info(
+            "%s was cancelled while running, attempt %d; its handler stopped",
+            task,
+            run.attempt,
+            extra=run_extra(run),
+        )
+    elif isinstance(signal_, LeaseLost):
+        log.warning(
+            "%s stopped, attempt %d: %s",
+            task,
+            run.attempt,
+            signal_,
+            extra=run_extra(run),
+        )
+    else:
+        log.debug("%s stopped: %r", task, signal_, extra=run_extra(run))

@@ -12,12 +12,12 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 
-from . import _children, _sql
+from . import _children, _inspect, _sql
 from ._app import AppCore, SpawnBatch
 from ._core import SpawnResult, TaskResultSnapshot
-from .errors import QueueNotFound, TaskStateError
+from .errors import QueueNotFound, TaskNotFound, TaskStateError
 from .models import TERMINAL_STATES
 
 
@@ -56,8 +56,9 @@ def emit(conn: Connection, params: Mapping[str, Any]) -> bool:
 CANCEL_ATTEMPTS = 50  # each retry follows a run another transaction created meanwhile
 
 
-def cancel(conn: Connection, params: Mapping[str, Any]) -> bool:
-    """Cancel a live task and its runs (``AppCore.task_params``). False if it had finished.
+def cancel(conn: Connection, params: Mapping[str, Any], reason: str | None = None) -> bool:
+    """Cancel a live task and its runs (``AppCore.task_params``), recording
+    ``reason`` on the task. False if it had finished.
 
     Each attempt runs in a savepoint: an attempt whose snapshot missed the
     task's newest run (a retry created while it waited) cancels nothing but
@@ -66,7 +67,7 @@ def cancel(conn: Connection, params: Mapping[str, Any]) -> bool:
     """
     for _ in range(CANCEL_ATTEMPTS):
         with conn.begin_nested() as savepoint:
-            row = conn.execute(_sql.cancel_task, params).one()
+            row = conn.execute(_sql.cancel_task, {**params, "reason": reason}).one()
             AppCore.check_found(params, row.previous_state, row.task_queue)
             if row.cancelled:
                 announce_done(conn, params["task"], row.task_queue, row.headers)
@@ -99,4 +100,55 @@ def announce_done(
         AppCore.emit_params_for(
             queue, _children.done_event(task_id), _children.done_payload(snapshot)
         ),
+    )
+
+
+# -- inspection (read-only) ----------------------------------------------------
+
+_SNAPSHOT = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+
+
+def _bound(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters a statement built for ``params`` binds (filters not given
+    are not in it)."""
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def list_tasks(conn: Connection, params: Mapping[str, Any]) -> _inspect.TaskPage:
+    """A page of ``_inspect.list_params``, newest first."""
+    now = conn.execute(_inspect.db_now).scalar_one()
+    rows = conn.execute(_inspect.list_tasks(params), _bound(params)).all()
+    return _inspect.page(rows, params, now)
+
+
+def get_task(conn: Connection, task_id: uuid.UUID) -> _inspect.TaskDetail:
+    """One task with its runs, checkpoints and children, from one snapshot
+    (``conn`` is in a transaction of its own that has run nothing yet)."""
+    conn.execute(_SNAPSHOT)
+    params = {"task": task_id}
+    row = conn.execute(_inspect.get_task, params).one_or_none()
+    if row is None:
+        raise TaskNotFound(f"task {task_id} not found", task_id=task_id)
+    return _inspect.detail(
+        row,
+        conn.execute(_inspect.task_runs, params).all(),
+        conn.execute(_inspect.task_checkpoints, params).all(),
+        conn.execute(_inspect.task_children, params).all(),
+        conn.execute(_inspect.db_now).scalar_one(),
+    )
+
+
+def queue_stats(conn: Connection, queue: str | None) -> list[_inspect.QueueStats]:
+    """Per queue (one, or all): see ``_inspect.QueueStats``; one snapshot."""
+    conn.execute(_SNAPSHOT)
+    params = {"queue": queue}
+    bound = _bound(params)
+    names = list(conn.scalars(_inspect.queue_names(params), bound))
+    if queue is not None and not names:
+        raise QueueNotFound(f"queue {queue!r} does not exist", queue=queue)
+    return _inspect.stats(
+        names,
+        conn.execute(_inspect.state_counts(params), bound).all(),
+        conn.execute(_inspect.oldest_due(params), bound).all(),
+        conn.execute(_inspect.recent_finishes(params), bound).all(),
     )

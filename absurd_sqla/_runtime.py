@@ -10,9 +10,11 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Collection
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._app import WorkerSettings
+from ._logs import queue_extra
 from ._outage import Outage
 from ._retry import is_disconnect
 
@@ -122,7 +124,44 @@ def pool_warning(pool: Any, settings: WorkerSettings, shared_need: int) -> str |
     )
 
 
-def database_failed(outage: Outage, log: logging.Logger, worker_id: str, exc: Exception) -> float:
+BANNER_TASK_NAMES = 20  # task names a start banner lists before "and N more"
+
+
+def database_label(url: Any) -> str:
+    """Where a SQLAlchemy ``URL`` points, for a log line: user, host, port and
+    database, never the password (nor the query string, which may hold one)."""
+    host = url.host or url.query.get("host") or "localhost"
+    if isinstance(host, tuple):  # a host given more than once in the query
+        host = ",".join(host)
+    user = f"{url.username}@" if url.username else ""
+    port = f":{url.port}" if url.port else ""
+    return f"{user}{host}{port}/{url.database or ''}"
+
+
+def banner(settings: WorkerSettings, task_names: Collection[str], database: str) -> str:
+    """The line a worker logs when it starts (``database``: ``database_label``)."""
+    names = sorted(task_names)
+    shown = ", ".join(names[:BANNER_TASK_NAMES]) or "none"
+    if len(names) > BANNER_TASK_NAMES:
+        shown += f" and {len(names) - BANNER_TASK_NAMES} more"
+    return (
+        f"worker {settings.worker_id} starting: queue {settings.queue!r}, "
+        f"concurrency {settings.concurrency}, batch size {settings.batch_size}, "
+        f"claim timeout {settings.claim_timeout:g}s, {len(names)} task(s) registered "
+        f"({shown}), database {database}"
+    )
+
+
+def missing_queue_warning(settings: WorkerSettings) -> str:
+    return (
+        f"worker {settings.worker_id} serves queue {settings.queue!r}, which does not exist: "
+        f"it will claim nothing until the queue is created (create_queue({settings.queue!r}))"
+    )
+
+
+def database_failed(
+    outage: Outage, log: logging.Logger, worker_id: str, exc: Exception, queue: str
+) -> float:
     """Record a failed call of a worker loop and log it (a warning only for the
     first failure of an outage); return the seconds to pause."""
     first, delay = outage.failed(time.monotonic())
@@ -133,18 +172,27 @@ def database_failed(outage: Outage, log: logging.Logger, worker_id: str, exc: Ex
             worker_id,
             summary(exc),
             exc_info=not is_disconnect(exc),
+            extra=queue_extra(queue),
         )
     else:
-        log.debug("worker %s: database still failing: %s", worker_id, summary(exc))
+        log.debug(
+            "worker %s: database still failing: %s",
+            worker_id,
+            summary(exc),
+            extra=queue_extra(queue),
+        )
     return delay
 
 
-def database_succeeded(outage: Outage, log: logging.Logger, worker_id: str) -> None:
+def database_succeeded(outage: Outage, log: logging.Logger, worker_id: str, queue: str) -> None:
     """Record a successful call; log one line if it ended an outage."""
     ended = outage.recovered(time.monotonic())
     if ended is not None:
         log.warning(
-            "worker %s: database is back after %.1fs (%d failed attempt(s))", worker_id, *ended
+            "worker %s: database is back after %.1fs (%d failed attempt(s))",
+            worker_id,
+            *ended,
+            extra=queue_extra(queue),
         )
 
 

@@ -35,8 +35,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import CTE, Select
 
-from ._children import PARENT_HEADER, TASK_EVENT_PREFIX
+from ._children import TASK_EVENT_PREFIX
 from .models import (
+    PARENT_HEADER,
     TERMINAL_STATES,
     checkpoints,
     events,
@@ -373,7 +374,7 @@ _cancelled_runs = (
         task_queue_matches(runs.c.queue_name),
         runs.c.state.in_(LIVE_STATES),
     )
-    .values(state="cancelled", finished_at=NOW, claimed_by=None, claim_expires_at=None)
+    .values(state="cancelled", finished_at=NOW, claim_expires_at=None)
     .returning(runs.c.run_id)
     .cte("cancelled_runs")
 )
@@ -391,7 +392,7 @@ _cancelled_task = (
         # statement again with a snapshot that sees the new run.
         tasks.c.last_run_id.in_(select(_cancelled_runs.c.run_id)),
     )
-    .values(state="cancelled", finished_at=NOW)
+    .values(state="cancelled", finished_at=NOW, cancel_reason=bindparam("reason", type_=Text))
     .returning(tasks.c.task_id)
     .cte("cancelled_task")
 )

@@ -180,6 +180,7 @@ expired_runs = (
         runs.c.attempt,
         runs.c.claimed_by,
         tasks.c.queue_name,
+        tasks.c.task_name,
         tasks.c.max_attempts,
         tasks.c.retry_strategy,
         tasks.c.headers,
@@ -439,8 +440,7 @@ _completed = (
         state="completed",
         result=json_param("result_json"),
         finished_at=NOW,
-        claimed_by=None,
-        claim_expires_at=None,
+        claim_expires_at=None,  # claimed_by stays: who ran it
     )
     .returning(runs.c.task_id)
     .cte("completed")
@@ -473,8 +473,7 @@ _failed = (
         state="failed",
         failure_reason=json_param("reason_json"),
         finished_at=NOW,
-        claimed_by=None,
-        claim_expires_at=None,
+        claim_expires_at=None,  # claimed_by stays: who ran it (or died)
     )
     .returning(runs.c.run_id, runs.c.task_id, runs.c.attempt, runs.c.queue_name)
     .cte("failed_run")
@@ -505,13 +504,17 @@ _retry_run = (
         .select_from(_failed_task.join(_failed, _failed.c.task_id == _failed_task.c.task_id))
         .where(_retry),
     )
-    .returning(runs.c.run_id)
+    .returning(runs.c.run_id, runs.c.attempt, runs.c.available_at)
     .cte("retry_run")
 )
 _failed_waits = delete_waits_of(_failed, "failed_waits")
+# retry_at / next_attempt: when and as which attempt the task runs again (NULL
+# without a retry), as the database decided, for the worker's log line.
 fail_run = select(
     count_of(_failed).label("owned"),
     count_of(_retry_run).label("retried"),
+    select(_retry_run.c.available_at).scalar_subquery().label("retry_at"),
+    select(_retry_run.c.attempt).scalar_subquery().label("next_attempt"),
     count_of(_failed_task).label("tasks"),
     count_of(_failed_waits).label("waits_removed"),
     _run_state(_failed).label("run_state"),
@@ -557,12 +560,21 @@ _landed_completed = select(
 )
 
 _landed_retry_run = runs.alias("retry_run")
+
+
+def _landed_retry(*columns: Any) -> Any:
+    return (
+        select(*columns)
+        .where(_landed_retry_run.c.run_id == bindparam("new_run", type_=UUID(as_uuid=True)))
+        .scalar_subquery()
+    )
+
+
 _landed_failed = select(
     literal(1).label("owned"),
-    select(func.count())
-    .where(_landed_retry_run.c.run_id == bindparam("new_run", type_=UUID(as_uuid=True)))
-    .scalar_subquery()
-    .label("retried"),
+    _landed_retry(func.count()).label("retried"),
+    _landed_retry(_landed_retry_run.c.available_at).label("retry_at"),
+    _landed_retry(_landed_retry_run.c.attempt).label("next_attempt"),
     runs.c.state.label("run_state"),
 ).where(
     runs.c.run_id == run_param,

@@ -1,10 +1,23 @@
-"""``absurd-sqla``: migrate the schema and run workers from the shell.
+"""``absurd-sqla`` (also ``python -m absurd_sqla``): run and operate absurd_sqla.
 
-absurd-sqla migrate [--url URL] [--downgrade]
+absurd-sqla migrate [upgrade | downgrade --yes | current] [--revision REV] [--sql]
 absurd-sqla worker myapp.tasks:app [--queue Q] [--concurrency N] [--claim-timeout S]
+                   [--log-level LEVEL] [--log-format text|json]
+absurd-sqla queues [create NAME | drop NAME --yes]
+absurd-sqla tasks [--queue Q] [--state S] [--name N] [--since 2h] [--limit N]
+absurd-sqla show TASK_ID
+absurd-sqla spawn NAME --params JSON      absurd-sqla emit EVENT --payload JSON
+absurd-sqla cancel TASK_ID [--reason R]   absurd-sqla retry TASK_ID
+absurd-sqla cleanup --older-than 30d      absurd-sqla stats [--watch [SECONDS]]
 
-``worker`` takes an ``Absurd`` (handlers run in threads) or an ``AsyncAbsurd``
-(handlers run as asyncio tasks in one event loop).
+Every command takes ``--database-url`` (default: ``ABSURD_DATABASE_URL``) and
+``--json``. ``worker`` takes an ``Absurd`` (handlers run in threads) or an
+``AsyncAbsurd`` (handlers run as asyncio tasks in one event loop), or a
+function returning one.
+
+Exit codes: 0 done; 1 refused (e.g. retrying a task that has not failed);
+2 bad input; 3 the database cannot be reached or its schema is not current;
+4 no such task or queue; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,25 +25,61 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
-import logging
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import migrate
-from ._engine import default_url
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.pool import NullPool
+
+from . import _commands, _render, migrate
+from ._engine import default_url, normalize_url
+from ._logs import FORMATS, configure_logging
 from .client import Absurd
 from .client_async import AsyncAbsurd
+from .errors import (
+    AbsurdError,
+    InvalidArgument,
+    QueueNotFound,
+    SchemaNotCurrent,
+    TaskNotFound,
+)
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EXIT_REFUSED, EXIT_USAGE, EXIT_DATABASE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+
+
+class _Failed(Exception):
+    """A one-line error and the exit code it means."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _load_app(target: str) -> Absurd | AsyncAbsurd:
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
-        raise SystemExit(f"expected MODULE:ATTRIBUTE (e.g. myapp.tasks:app), got {target!r}")
+        raise _Failed(
+            f"expected MODULE:ATTRIBUTE (e.g. myapp.tasks:app), got {target!r}", EXIT_USAGE
+        )
     sys.path.insert(0, "")
-    app = getattr(importlib.import_module(module_name), attribute, None)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _Failed(f"cannot import {module_name!r}: {exc}", EXIT_USAGE) from None
+    app = getattr(module, attribute, None)
+    if callable(app) and not isinstance(app, (Absurd, AsyncAbsurd)):
+        app = app()  # a factory: create_app()
     if not isinstance(app, (Absurd, AsyncAbsurd)):
-        raise SystemExit(f"{target} is not an absurd_sqla.Absurd or AsyncAbsurd instance")
+        raise _Failed(
+            f"{target} is not an absurd_sqla.Absurd or AsyncAbsurd instance "
+            "(or a function returning one)",
+            EXIT_USAGE,
+        )
     return app
 
 
@@ -41,34 +90,8 @@ async def _serve_async(app: AsyncAbsurd, options: dict[str, Any]) -> None:
         await app.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="absurd-sqla", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    migrate_cmd = commands.add_parser("migrate", help="create or upgrade the absurd schema")
-    migrate_cmd.add_argument("--url", help="database URL (default: ABSURD_DATABASE_URL, ...)")
-    migrate_cmd.add_argument(
-        "--downgrade", action="store_true", help="remove the absurd schema and all its data"
-    )
-
-    worker_cmd = commands.add_parser("worker", help="run a worker until SIGTERM/SIGINT")
-    worker_cmd.add_argument("app", help="MODULE:ATTRIBUTE of your Absurd or AsyncAbsurd instance")
-    worker_cmd.add_argument("--queue", default=None)
-    worker_cmd.add_argument("--worker-id", default=None)
-    worker_cmd.add_argument("--concurrency", type=int, default=1)
-    worker_cmd.add_argument("--batch-size", type=int, default=None)
-    worker_cmd.add_argument("--claim-timeout", type=float, default=120)
-    worker_cmd.add_argument("--poll-interval", type=float, default=0.25)
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.command == "migrate":
-        url = args.url or default_url()
-        if args.downgrade:
-            migrate.downgrade(url)
-        else:
-            migrate.upgrade(url)
-        return 0
+def _worker(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
     app = _load_app(args.app)
     options: dict[str, Any] = {
         "worker_id": args.worker_id,
@@ -83,6 +106,187 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         app.start_worker(**options)
     return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    url = _url(args)
+    action = "downgrade" if args.downgrade else args.action
+    if action == "current":
+        engine = create_engine(normalize_url(url), poolclass=NullPool)
+        try:
+            status = migrate.schema_status(engine)
+        finally:
+            engine.dispose()
+        if args.json:
+            data = {**_render.plain(status), "current": status.is_current}
+            print(_render.as_json({**data, "message": status.message()}))
+        else:
+            print(status.message())
+        return 0 if status.is_current else EXIT_DATABASE
+    if not args.sql:
+        configure_logging("INFO", "text")
+    if action == "upgrade":
+        migrate.upgrade(url, args.revision or "absurd@head", sql=args.sql)
+        return 0
+    if not (args.yes or args.sql):
+        raise _Failed(
+            "downgrading to absurd@base drops the absurd schema and every task in it: "
+            "run again with --yes (or --sql to review the SQL)",
+            EXIT_USAGE,
+        )
+    target = args.revision or "absurd@base"
+    migrate.downgrade(url, f"absurd@head:{target}" if args.sql else target, sql=args.sql)
+    return 0
+
+
+def _operate(args: argparse.Namespace) -> int:
+    try:
+        app = Absurd(_url(args))
+    except (ArgumentError, ValueError) as exc:
+        raise _Failed(f"bad database URL: {exc}", EXIT_USAGE) from None
+    try:
+        frames = 0
+        while True:
+            output = args.run(app, args)
+            if args.json:
+                print(_render.as_json(output.data))
+            elif getattr(args, "watch", None) and sys.stdout.isatty():
+                print("\x1b[H\x1b[J" + output.text, flush=True)  # redraw in place
+            else:
+                print(output.text, flush=True)
+            frames += 1
+            if not getattr(args, "watch", None) or (args.count and frames >= args.count):
+                return 0
+            time.sleep(args.watch)
+    finally:
+        app.close()
+
+
+def _url(args: argparse.Namespace) -> str:
+    return getattr(args, "database_url", None) or default_url()
+
+
+def _where(url: str) -> str:
+    """The database a URL names, without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "the configured database"
+
+
+def _common(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
+    """``--database-url`` and ``--json``, before or after the command name."""
+    default = argparse.SUPPRESS if inherit else None
+    parser.add_argument(
+        "--database-url",
+        "--url",
+        dest="database_url",
+        default=default,
+        help="database URL (default: ABSURD_DATABASE_URL)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if inherit else False,
+        help="print JSON instead of tables",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="absurd-sqla",
+        description=(__doc__ or "").splitlines()[0],
+        epilog="exit codes: 0 done, 1 refused, 2 bad input, 3 database unreachable or "
+        "schema not current, 4 not found, 130 interrupted",
+    )
+    _common(parser, inherit=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = commands.add_parser(name, help=help)
+        _common(sub, inherit=True)
+        return sub
+
+    migrate_cmd = command("migrate", "upgrade (the default), downgrade, or show the schema")
+    migrate_cmd.add_argument(
+        "action", nargs="?", choices=["upgrade", "downgrade", "current"], default="upgrade"
+    )
+    migrate_cmd.add_argument(
+        "--revision", help="target revision (default: absurd@head up, absurd@base down)"
+    )
+    migrate_cmd.add_argument(
+        "--sql", action="store_true", help="print the SQL for review instead of running it"
+    )
+    migrate_cmd.add_argument(
+        "--yes", action="store_true", help="downgrade: confirm dropping the schema's data"
+    )
+    migrate_cmd.add_argument("--downgrade", action="store_true", help=argparse.SUPPRESS)
+    migrate_cmd.set_defaults(handler=_migrate)
+
+    worker_cmd = command("worker", "run a worker until SIGTERM/SIGINT")
+    worker_cmd.add_argument("app", help="MODULE:ATTRIBUTE of your Absurd or AsyncAbsurd")
+    worker_cmd.add_argument("--queue", default=None)
+    worker_cmd.add_argument("--worker-id", default=None)
+    worker_cmd.add_argument("--concurrency", type=int, default=1)
+    worker_cmd.add_argument("--batch-size", type=int, default=None)
+    worker_cmd.add_argument("--claim-timeout", type=float, default=120)
+    worker_cmd.add_argument("--poll-interval", type=float, default=0.25)
+    worker_cmd.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="the lowest level logged (default: INFO)",
+    )
+    worker_cmd.add_argument(
+        "--log-format",
+        default="text",
+        choices=FORMATS,
+        help="text lines, or one JSON object per line with task_id, run_id, task_name, "
+        "queue and attempt (default: text)",
+    )
+    worker_cmd.set_defaults(handler=_worker)
+
+    class Commands:
+        def add_parser(self, name: str, help: str) -> argparse.ArgumentParser:
+            sub = command(name, help)
+            sub.set_defaults(handler=_operate)
+            return sub
+
+    _commands.add_commands(Commands())
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except _Failed as failed:
+        return _fail(str(failed), failed.code)
+    except _commands.UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except (TaskNotFound, QueueNotFound) as exc:
+        return _fail(str(exc), EXIT_NOT_FOUND)
+    except InvalidArgument as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except SchemaNotCurrent as exc:
+        return _fail(str(exc), EXIT_DATABASE)
+    except AbsurdError as exc:
+        return _fail(str(exc), EXIT_REFUSED)
+    except (OperationalError, InterfaceError) as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        return _fail(f"cannot reach the database at {_where(_url(args))}: {reason}", EXIT_DATABASE)
+    except DBAPIError as exc:
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        return _fail(f"the database refused: {reason}", EXIT_REFUSED)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"absurd-sqla: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from . import _core, _ops_async, _sql
+from . import _core, _inspect, _ops_async, _sql
 from ._app import AppCore, Hooks, WorkerSettings, check_async_handler
 from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot
 from ._db_async import AsyncDatabase, AsyncSessionLike
 from ._engine import AsyncBind
 from ._execute_async import AsyncExecutor
+from ._inspect import QueueStats, TaskDetail, TaskPage
 from ._runtime import default_worker_id
 from .errors import InvalidArgument, TaskNotFound, TimeoutError
 from .worker_async import AsyncWorker, AsyncWorkers
@@ -168,18 +169,21 @@ class AsyncAbsurd:
     async def cancel_task(
         self,
         task_id: uuid.UUID | str,
+        reason: str | None = None,
         *,
         session: AsyncSessionLike | None = None,
         queue_name: str | None = None,
     ) -> bool:
         """Cancel the task and its live runs. False if it had already finished.
 
-        Running code stops at its next checkpoint, heartbeat or wait. With
-        ``session=`` the cancel is invisible until the caller commits.
+        Running code stops at its next checkpoint, heartbeat or wait. ``reason``
+        is kept with the task (:meth:`get_task` shows it). With ``session=`` the
+        cancel is invisible until the caller commits.
         """
         params = self._core.task_params(task_id, queue_name)
+        why = None if reason is None else _core.check_name("reason", reason, max_length=2000)
         async with self._db.joined(session) as conn:
-            return await _ops_async.cancel(conn, params)
+            return await _ops_async.cancel(conn, params, why)
 
     async def retry_task(
         self,
@@ -298,6 +302,46 @@ class AsyncAbsurd:
         params = self._core.emit_params(event_name, payload, queue_name)
         async with self._db.joined(session) as conn:
             return await _ops_async.emit(conn, params)
+
+    # -- inspection ----------------------------------------------------------
+
+    async def list_tasks(
+        self,
+        *,
+        queue: str | None = None,
+        state: str | None = None,
+        task_name: str | None = None,
+        since: datetime | timedelta | None = None,
+        limit: int = 50,
+        after: uuid.UUID | str | None = None,
+    ) -> TaskPage:
+        """Tasks newest first, of every queue unless ``queue`` is given.
+
+        ``since``: created at or after (a datetime, or a timedelta before now).
+        A page holds at most ``limit`` (up to 1000) tasks; pass its
+        ``next_cursor`` as ``after`` for the next one. Read-only.
+        """
+        params = _inspect.list_params(
+            queue=queue, state=state, task_name=task_name, since=since, limit=limit, after=after
+        )
+        async with self._db.joined(None, atomic=False) as conn:
+            return await _ops_async.list_tasks(conn, params)
+
+    async def get_task(self, task_id: uuid.UUID | str) -> TaskDetail:
+        """Everything about one task: params, headers, result or failure, every
+        run, every checkpoint, the current wait, its parent and children.
+        Raises ``TaskNotFound``. Read-only, from one snapshot."""
+        task = _core.check_task_id(task_id)
+        async with self._db.joined(None) as conn:
+            return await _ops_async.get_task(conn, task)
+
+    async def queue_stats(self, queue: str | None = None) -> list[QueueStats]:
+        """Per queue (every queue unless ``queue`` is given): tasks per state,
+        the age of the oldest due run not yet claimed, and runs completed and
+        failed in the last minute and hour. Read-only, from one snapshot."""
+        name = None if queue is None else _core.check_queue_name(queue)
+        async with self._db.joined(None) as conn:
+            return await _ops_async.queue_stats(conn, name)
 
     # -- workers -------------------------------------------------------------
 

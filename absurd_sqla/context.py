@@ -247,10 +247,11 @@ class TaskContext:
         if limit is None:
             return
         if (now - self._state.run.first_started_at).total_seconds() > limit:
+            reason = f"ran longer than max_duration={limit}s"
             with self._db.transaction() as conn:
-                _ops.cancel(conn, self._core.task_params(self.task_id, None))
+                _ops.cancel(conn, self._core.task_params(self.task_id, None), reason)
             raise CancelledTask(
-                f"task {self.task_id} ran longer than max_duration={limit}s",
+                f"task {self.task_id} {reason}",
                 task_id=self.task_id,
                 run_id=self.run_id,
                 state="cancelled",

@@ -251,10 +251,11 @@ class AsyncTaskContext:
         if limit is None:
             return
         if (now - self._state.run.first_started_at).total_seconds() > limit:
+            reason = f"ran longer than max_duration={limit}s"
             async with self._db.transaction() as conn:
-                await _ops_async.cancel(conn, self._core.task_params(self.task_id, None))
+                await _ops_async.cancel(conn, self._core.task_params(self.task_id, None), reason)
             raise CancelledTask(
-                f"task {self.task_id} ran longer than max_duration={limit}s",
+                f"task {self.task_id} {reason}",
                 task_id=self.task_id,
                 run_id=self.run_id,
                 state="cancelled",

@@ -77,6 +77,18 @@ class TimeoutError(AbsurdError, builtins.TimeoutError):
     """A wait (for an event or a task result) passed its timeout."""
 
 
+class SchemaNotCurrent(AbsurdError):
+    """The database's ``absurd`` schema is not at the migration head this release ships.
+
+    The message names the command that fixes it. ``status`` is the
+    :class:`absurd_sqla.migrate.SchemaStatus` that was found.
+    """
+
+    def __init__(self, message: str, *, status: object = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class TaskSignal(_Fields):
     """Control flow of a running task; never catch it in task code."""
 

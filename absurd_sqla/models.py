@@ -31,6 +31,8 @@ SCHEMA = "absurd"
 
 TASK_STATES = ("pending", "running", "sleeping", "completed", "failed", "cancelled")
 TERMINAL_STATES = ("completed", "failed", "cancelled")
+# The header a child task names its parent in (indexed for "children of").
+PARENT_HEADER = "absurd.parent_task_id"
 CLAIMABLE_STATES = ("pending", "sleeping")
 
 NAMING_CONVENTION = {
@@ -96,6 +98,16 @@ class Task(Base):
             "finished_at",
             postgresql_where=text(f"state IN {_state_list(TERMINAL_STATES)}"),
         ),
+        # Inspection: newest first (ids are UUIDv7) within a queue, state or name.
+        Index("ix_tasks_list_queue", "queue_name", "task_id"),
+        Index("ix_tasks_list_state", "state", "task_id"),
+        Index("ix_tasks_list_name", "task_name", "task_id"),
+        # A task's children name it in a header.
+        Index(
+            "ix_tasks_parent",
+            text(f"(headers ->> '{PARENT_HEADER}')"),
+            postgresql_where=text(f"(headers ->> '{PARENT_HEADER}') IS NOT NULL"),
+        ),
     )
 
     task_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
@@ -117,6 +129,8 @@ class Task(Base):
     enqueued_at: Mapped[datetime] = mapped_column(server_default=_NOW)
     first_started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Why cancel_task(..., reason=) cancelled it, if it said.
+    cancel_reason: Mapped[str | None]
 
 
 class Run(Base):
@@ -139,6 +153,13 @@ class Run(Base):
             "queue_name",
             "claim_expires_at",
             postgresql_where=text("state = 'running'"),
+        ),
+        # Inspection: runs finished lately, per queue.
+        Index(
+            "ix_runs_finished",
+            "queue_name",
+            "finished_at",
+            postgresql_where=text(f"state IN {_state_list(TERMINAL_STATES)}"),
         ),
     )
 

@@ -7,8 +7,12 @@
     clock.advance(3600)                        # sleeps and retry delays come due
     run_until_idle(app)
 
-Both work with ``AsyncAbsurd`` too: ``FakeClock(async_app.engine)`` (an
-``AsyncEngine``) and ``await run_until_idle(async_app)``.
+    assert_spawned(app, "remind", {"user_id": 7})   # spawned, whether it ran or not
+
+They work with ``AsyncAbsurd`` too: ``FakeClock(async_app.engine)`` (an
+``AsyncEngine``), ``await run_until_idle(async_app)``, ``await
+assert_spawned(async_app, ...)``. pytest fixtures are in
+``absurd_sqla.pytest_plugin``.
 
 The database clock is ``absurd.now()``: ``clock_timestamp()`` unless the
 session setting ``absurd.fake_now`` holds a timestamp. ``FakeClock`` sets it on
@@ -18,18 +22,29 @@ sessions all agree on the time.
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+import uuid
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, overload
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from .client import Absurd
 from .client_async import AsyncAbsurd
+from .models import tasks
 
-__all__ = ["FakeClock", "run_until_idle"]
+__all__ = [
+    "ANY",
+    "FakeClock",
+    "SpawnedTask",
+    "assert_not_spawned",
+    "assert_spawned",
+    "run_until_idle",
+    "spawned_tasks",
+]
 
 # In a pooled connection's ``info``: the FakeClock whose time it carries.
 _PINNED_BY = "absurd_sqla.fake_clock"
@@ -176,3 +191,179 @@ async def _run_until_idle_async(
 
 def _still_busy(max_batches: int) -> RuntimeError:
     return RuntimeError(f"still busy after {max_batches} batches: is a task looping forever?")
+
+
+# -- what was spawned ------------------------------------------------------------
+
+
+class _Any:
+    """Matches any params (the default of ``assert_spawned``)."""
+
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "ANY"
+
+
+ANY: Any = _Any()
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnedTask:
+    """A task as spawned: what ``assert_spawned`` found."""
+
+    task_id: uuid.UUID
+    task_name: str
+    queue_name: str
+    params: Any
+    headers: dict[str, Any] | None
+    state: str
+
+
+_SHOWN = 5  # tasks an assertion message lists
+
+
+def _spawned_statement(task_name: str | None, queue: str | None) -> Any:
+    statement = select(
+        tasks.c.task_id,
+        tasks.c.task_name,
+        tasks.c.queue_name,
+        tasks.c.params,
+        tasks.c.headers,
+        tasks.c.state,
+    ).order_by(tasks.c.task_id)
+    if task_name is not None:
+        statement = statement.where(tasks.c.task_name == task_name)
+    if queue is not None:
+        statement = statement.where(tasks.c.queue_name == queue)
+    return statement
+
+
+def _found(rows: Sequence[Any]) -> list[SpawnedTask]:
+    return [SpawnedTask(*row) for row in rows]
+
+
+@overload
+def spawned_tasks(
+    app: Absurd, task_name: str | None = None, *, queue: str | None = None
+) -> list[SpawnedTask]: ...
+@overload
+def spawned_tasks(
+    app: AsyncAbsurd, task_name: str | None = None, *, queue: str | None = None
+) -> Coroutine[Any, Any, list[SpawnedTask]]: ...
+
+
+def spawned_tasks(
+    app: Absurd | AsyncAbsurd, task_name: str | None = None, *, queue: str | None = None
+) -> list[SpawnedTask] | Coroutine[Any, Any, list[SpawnedTask]]:
+    """Every committed task (of ``task_name``, on ``queue``), oldest first."""
+    statement = _spawned_statement(task_name, queue)
+    if isinstance(app, AsyncAbsurd):
+        return _spawned_async(app, statement)
+    with app.engine.connect() as conn:
+        return _found(conn.execute(statement).all())
+
+
+async def _spawned_async(app: AsyncAbsurd, statement: Any) -> list[SpawnedTask]:
+    async with app.engine.connect() as conn:
+        return _found((await conn.execute(statement)).all())
+
+
+def _match(found: list[SpawnedTask], task_name: str, params: Any, count: int | None) -> SpawnedTask:
+    matching = [task for task in found if task.params == params]
+    wanted = f"a task {task_name!r}" + ("" if params is ANY else f" with params {params!r}")
+    if count is not None and len(matching) != count:
+        raise AssertionError(f"expected {count} of {wanted}, found {len(matching)}")
+    if not matching:
+        if not found:
+            raise AssertionError(f"expected {wanted} to be spawned; none named {task_name!r} was")
+        shown = ", ".join(repr(task.params) for task in found[-_SHOWN:])
+        raise AssertionError(
+            f"expected {wanted} to be spawned; {len(found)} {task_name!r} task(s) were, "
+            f"with params: {shown}"
+        )
+    return matching[-1]
+
+
+@overload
+def assert_spawned(
+    app: Absurd,
+    task_name: str,
+    params: Any = ANY,
+    *,
+    queue: str | None = None,
+    count: int | None = None,
+) -> SpawnedTask: ...
+@overload
+def assert_spawned(
+    app: AsyncAbsurd,
+    task_name: str,
+    params: Any = ANY,
+    *,
+    queue: str | None = None,
+    count: int | None = None,
+) -> Coroutine[Any, Any, SpawnedTask]: ...
+
+
+def assert_spawned(
+    app: Absurd | AsyncAbsurd,
+    task_name: str,
+    params: Any = ANY,
+    *,
+    queue: str | None = None,
+    count: int | None = None,
+) -> SpawnedTask | Coroutine[Any, Any, SpawnedTask]:
+    """Assert that a task ``task_name`` with ``params`` (compared with ``==``:
+    ``ANY``, or ``unittest.mock.ANY`` inside them, matches anything) was
+    spawned and committed, and return it (the newest if several match).
+    ``count=``: exactly that many match. The task need not have run: test the
+    code that spawns without a worker. With an ``AsyncAbsurd``, await it."""
+    if isinstance(app, AsyncAbsurd):
+        return _assert_spawned_async(app, task_name, params, queue, count)
+    return _match(spawned_tasks(app, task_name, queue=queue), task_name, params, count)
+
+
+async def _assert_spawned_async(
+    app: AsyncAbsurd, task_name: str, params: Any, queue: str | None, count: int | None
+) -> SpawnedTask:
+    found = await spawned_tasks(app, task_name, queue=queue)
+    return _match(found, task_name, params, count)
+
+
+def _absent(found: list[SpawnedTask], task_name: str, params: Any) -> None:
+    matching = [task for task in found if task.params == params]
+    if matching:
+        wanted = f"no task {task_name!r}" + ("" if params is ANY else f" with params {params!r}")
+        ids = ", ".join(str(task.task_id) for task in matching[:_SHOWN])
+        raise AssertionError(f"expected {wanted}, found {len(matching)}: {ids}")
+
+
+@overload
+def assert_not_spawned(
+    app: Absurd, task_name: str, params: Any = ANY, *, queue: str | None = None
+) -> None: ...
+@overload
+def assert_not_spawned(
+    app: AsyncAbsurd, task_name: str, params: Any = ANY, *, queue: str | None = None
+) -> Coroutine[Any, Any, None]: ...
+
+
+def assert_not_spawned(
+    app: Absurd | AsyncAbsurd, task_name: str, params: Any = ANY, *, queue: str | None = None
+) -> Coroutine[Any, Any, None] | None:
+    """Assert that no committed task ``task_name`` (with ``params``) exists.
+    With an ``AsyncAbsurd``, await it."""
+    if isinstance(app, AsyncAbsurd):
+        return _assert_not_spawned_async(app, task_name, params, queue)
+    _absent(spawned_tasks(app, task_name, queue=queue), task_name, params)
+    return None
+
+
+async def _assert_not_spawned_async(
+    app: AsyncAbsurd, task_name: str, params: Any, queue: str | None
+) -> None:
+    _absent(await spawned_tasks(app, task_name, queue=queue), task_name, params)

@@ -10,7 +10,6 @@ signals and the set of running workers.
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 import time
@@ -20,9 +19,11 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from ._app import WorkerSettings
 from ._execute import Executor
+from ._logs import logger, queue_extra, run_extra
 from ._outage import Outage
 from ._retry import is_disconnect
 from ._run import ClaimedRun
@@ -33,16 +34,20 @@ from ._runtime import (
     SWEEP_INTERVAL,
     RunningWorkers,
     StopState,
+    banner,
     database_failed,
+    database_label,
     database_succeeded,
+    missing_queue_warning,
     nothing_to_restore,
     pool_warning,
     restore_signal_handler,
     summary,
 )
 from ._sql import channel_for
+from .migrate import check_schema_current
 
-log = logging.getLogger("absurd_sqla.worker")
+log = logger()
 
 
 class Listener:
@@ -54,9 +59,10 @@ class Listener:
     after each (re)connect covers notifications missed in between.
     """
 
-    def __init__(self, engine: Engine, channel: str, wake: threading.Event) -> None:
+    def __init__(self, engine: Engine, channel: str, wake: threading.Event, queue: str) -> None:
         self._engine = engine
         self._channel = channel
+        self._extra = queue_extra(queue)
         self._wake = wake
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="absurd-listen", daemon=True)
@@ -84,6 +90,7 @@ class Listener:
                         self._channel,
                         summary(exc),
                         exc_info=not is_disconnect(exc),
+                        extra=self._extra,
                     )
                 self._failing = True
                 self.connected.clear()
@@ -102,7 +109,7 @@ class Listener:
             conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self._channel)))
             self.connected.set()
             if self._failing:
-                log.warning("LISTEN on %s is back", self._channel)
+                log.warning("LISTEN on %s is back", self._channel, extra=self._extra)
                 self._failing = False
             self._wake.set()  # anything committed while we were not listening
             while not self._stop.is_set():
@@ -188,7 +195,9 @@ class Worker:
             try:
                 self.executor.execute(run, self.worker_id, self.claim_timeout, mark_started)
             except BaseException:
-                log.exception("worker slot crashed running run %s", run.run_id)
+                log.exception(
+                    "worker slot crashed running run %s", run.run_id, extra=run_extra(run)
+                )
             finally:
                 with self._lock:
                     self._slots.pop(run.run_id, None)
@@ -202,10 +211,15 @@ class Worker:
     def run(self, shared_need: int = 0) -> None:
         """Run until stopped; ``shared_need``: pool connections that this client's
         other running workers need from the same engine."""
+        self._check_schema()
+        extra = queue_extra(self.queue)
+        names = self.executor.core.registry.keys()
+        log.info(banner(self.settings, names, database_label(self.engine.url)), extra=extra)
         warning = pool_warning(self.engine.pool, self.settings, shared_need)
         if warning is not None:
-            log.warning(warning)
-        listener = Listener(self.engine, channel_for(self.queue), self._wake)
+            log.warning(warning, extra=extra)
+        self._check_queue()
+        listener = Listener(self.engine, channel_for(self.queue), self._wake, self.queue)
         listener.start()
         restore = (
             _install_signal_handlers(self._stop.signal)
@@ -219,6 +233,38 @@ class Worker:
         finally:
             restore()
             listener.stop()
+
+    def _check_schema(self) -> None:
+        """Refuse to start on a schema that is not at our head (``SchemaNotCurrent``
+        names the command that fixes it). A database that is away is not a
+        refusal: the loop waits for it as for any outage."""
+        try:
+            with self.engine.connect() as conn:
+                check_schema_current(conn)
+        except SQLAlchemyError as exc:
+            log.warning(
+                "could not check the absurd schema's version: %s",
+                summary(exc),
+                extra=queue_extra(self.queue),
+            )
+
+    def _check_queue(self) -> None:
+        """Warn if the queue does not exist (one query; skipped once stopping, and
+        never fatal: a database that is away is the loop's business)."""
+        if self.stopping:
+            return
+        try:
+            exists = self.executor.queue_exists(self.queue)
+        except Exception as exc:
+            log.debug(
+                "could not check that queue %r exists: %s",
+                self.queue,
+                summary(exc),
+                extra=queue_extra(self.queue),
+            )
+            return
+        if not exists:
+            log.warning(missing_queue_warning(self.settings), extra=queue_extra(self.queue))
 
     def _loop(self) -> None:
         next_sweep = 0.0
@@ -256,7 +302,9 @@ class Worker:
         if not inflight:
             return False
         if self._stop.start_draining():
-            log.info(self._stop.drain_message(self.worker_id, inflight))
+            log.info(
+                self._stop.drain_message(self.worker_id, inflight), extra=queue_extra(self.queue)
+            )
         deadline = self._stop.deadline or 0.0
         self._idle(min(SIGNAL_CHECK_INTERVAL, max(deadline - time.monotonic(), 0.0)))
         return True
@@ -268,23 +316,28 @@ class Worker:
         if not slots:
             return
         log.warning(
-            "worker %s stopping now: releasing %d unfinished run(s)", self.worker_id, len(slots)
+            "worker %s stopping now: releasing %d unfinished run(s)",
+            self.worker_id,
+            len(slots),
+            extra=queue_extra(self.queue),
         )
         for slot in slots:
             try:
                 self.executor.release(slot.run, self.worker_id, self.claim_timeout, slot.started)
             except Exception:
                 # Its lease still runs out: the sweep of another worker retries it.
-                log.exception("could not release run %s", slot.run.run_id)
+                log.exception(
+                    "could not release run %s", slot.run.run_id, extra=run_extra(slot.run)
+                )
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call ``fn``; while the database is unreachable, back off and log once."""
         try:
             result = fn(*args)
         except Exception as exc:
-            self._idle(database_failed(self._outage, log, self.worker_id, exc))
+            self._idle(database_failed(self._outage, log, self.worker_id, exc, self.queue))
             return _FAILED
-        database_succeeded(self._outage, log, self.worker_id)
+        database_succeeded(self._outage, log, self.worker_id, self.queue)
         return result
 
 

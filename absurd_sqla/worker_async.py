@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import threading
 import time
@@ -24,11 +23,13 @@ from typing import Any
 import psycopg
 from sqlalchemy import bindparam, or_, select
 from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 from ._app import WorkerSettings
 from ._execute_async import AsyncExecutor
+from ._logs import logger, queue_extra, run_extra
 from ._outage import Outage
 from ._retry import is_disconnect
 from ._run import CLAIM_TIMEOUT_REASON, ClaimedRun
@@ -39,8 +40,11 @@ from ._runtime import (
     SWEEP_INTERVAL,
     RunningWorkers,
     StopState,
+    banner,
     database_failed,
+    database_label,
     database_succeeded,
+    missing_queue_warning,
     nothing_to_restore,
     pool_warning,
     restore_signal_handler,
@@ -48,9 +52,10 @@ from ._runtime import (
 )
 from ._sql import channel_for
 from ._sql_worker import LEASE_OK
+from .migrate import check_schema_current
 from .models import runs
 
-log = logging.getLogger("absurd_sqla.worker")
+log = logger()
 
 # Which of these runs were taken from their handler: cancelled, still running
 # under a lease that lapsed, or already swept as ``$ClaimTimeout``. A run its
@@ -75,9 +80,12 @@ class AsyncListener:
     pool events apply), detached from the pool: a LISTENing session never
     serves anyone else, and it is closed here, not returned."""
 
-    def __init__(self, engine: AsyncEngine, channel: str, wake: Callable[[], None]) -> None:
+    def __init__(
+        self, engine: AsyncEngine, channel: str, wake: Callable[[], None], queue: str
+    ) -> None:
         self._engine = engine
         self._channel = channel
+        self._extra = queue_extra(queue)
         self._wake = wake
         self._failing = False
         self.connected = asyncio.Event()
@@ -96,6 +104,7 @@ class AsyncListener:
                         self._channel,
                         summary(exc),
                         exc_info=not is_disconnect(exc),
+                        extra=self._extra,
                     )
                 self._failing = True
                 self.connected.clear()
@@ -117,7 +126,7 @@ class AsyncListener:
             )
             self.connected.set()
             if self._failing:
-                log.warning("LISTEN on %s is back", self._channel)
+                log.warning("LISTEN on %s is back", self._channel, extra=self._extra)
                 self._failing = False
             self._wake()  # anything committed while we were not listening
             async for _ in conn.notifies():
@@ -206,10 +215,14 @@ class AsyncWorker:
         ``CancelledError`` propagates."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        await self._check_schema()
+        extra = queue_extra(self.queue)
+        names = self.executor.core.registry.keys()
+        log.info(banner(self.settings, names, database_label(self.engine.url)), extra=extra)
         warning = pool_warning(self.engine.pool, self.settings, shared_need)
         if warning is not None:
-            log.warning(warning)
-        listener = AsyncListener(self.engine, channel_for(self.queue), self._wake_soon)
+            log.warning(warning, extra=extra)
+        listener = AsyncListener(self.engine, channel_for(self.queue), self._wake_soon, self.queue)
         listening = asyncio.create_task(listener.run(), name="absurd-listen")
         restore = (
             _install_signal_handlers(self._loop, self._on_signal)
@@ -244,12 +257,46 @@ class AsyncWorker:
 
     async def _serve(self) -> None:
         try:
+            await self._check_queue()
             await self._run_loop()
         finally:
             # In the loop's own task, with no await in between: a handler task
             # created by the last claim has not run yet, so it is cancelled
             # before its handler starts and its run costs no attempt.
             await self._release_unfinished()
+
+    async def _check_schema(self) -> None:
+        """Refuse to start on a schema that is not at our head (``SchemaNotCurrent``
+        names the command that fixes it). A database that is away is not a
+        refusal: the loop waits for it as for any outage."""
+        try:
+            async with self.engine.connect() as conn:
+                await conn.run_sync(check_schema_current)
+        except SQLAlchemyError as exc:
+            log.warning(
+                "could not check the absurd schema's version: %s",
+                summary(exc),
+                extra=queue_extra(self.queue),
+            )
+
+    async def _check_queue(self) -> None:
+        """Warn if the queue does not exist (one query, in the loop's task so a
+        cancellation is a stop like any other; skipped once stopping, and never
+        fatal: a database that is away is the loop's business)."""
+        if self.stopping:
+            return
+        try:
+            exists = await self.executor.queue_exists(self.queue)
+        except Exception as exc:
+            log.debug(
+                "could not check that queue %r exists: %s",
+                self.queue,
+                summary(exc),
+                extra=queue_extra(self.queue),
+            )
+            return
+        if not exists:
+            log.warning(missing_queue_warning(self.settings), extra=queue_extra(self.queue))
 
     async def _run_loop(self) -> None:
         next_sweep = 0.0
@@ -306,9 +353,12 @@ class AsyncWorker:
                     "cancelled the handler of run %s: its run is no longer this worker's "
                     "(cancelled, or its lease expired)",
                     run.run_id,
+                    extra=run_extra(run),
                 )
             except Exception:
-                log.exception("worker slot crashed running run %s", run.run_id)
+                log.exception(
+                    "worker slot crashed running run %s", run.run_id, extra=run_extra(run)
+                )
             finally:
                 self._slots.pop(run.run_id, None)
                 self._wake_soon()
@@ -341,7 +391,10 @@ class AsyncWorker:
         if not self._slots:
             return False
         if self._stop.start_draining():
-            log.info(self._stop.drain_message(self.worker_id, len(self._slots)))
+            log.info(
+                self._stop.drain_message(self.worker_id, len(self._slots)),
+                extra=queue_extra(self.queue),
+            )
         deadline = self._stop.deadline or 0.0
         now = time.monotonic()
         await self._idle(min(next_sweep - now, deadline - now))
@@ -354,7 +407,10 @@ class AsyncWorker:
         if not slots:
             return
         log.warning(
-            "worker %s stopping now: releasing %d unfinished run(s)", self.worker_id, len(slots)
+            "worker %s stopping now: releasing %d unfinished run(s)",
+            self.worker_id,
+            len(slots),
+            extra=queue_extra(self.queue),
         )
         for slot in slots:
             if slot.task is not None:
@@ -366,21 +422,27 @@ class AsyncWorker:
                 )
             except Exception:
                 # Its lease still runs out: the sweep of another worker retries it.
-                log.exception("could not release run %s", slot.run.run_id)
-        tasks = [slot.task for slot in self._slots.values() if slot.task is not None]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=CANCELLED_HANDLER_GRACE)
+                log.exception(
+                    "could not release run %s", slot.run.run_id, extra=run_extra(slot.run)
+                )
+        unfinished = {s.task: s.run for s in self._slots.values() if s.task is not None}
+        if unfinished:
+            _, pending = await asyncio.wait(unfinished, timeout=CANCELLED_HANDLER_GRACE)
             for task in pending:  # a handler that swallowed CancelledError: fenced anyway
-                log.warning("%s ignored its cancellation; left running", task.get_name())
+                log.warning(
+                    "%s ignored its cancellation; left running",
+                    task.get_name(),
+                    extra=run_extra(unfinished[task]),
+                )
 
     async def _guard(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Call ``fn``; while the database is unreachable, back off and log once."""
         try:
             result = await fn(*args)
         except Exception as exc:
-            await self._idle(database_failed(self._outage, log, self.worker_id, exc))
+            await self._idle(database_failed(self._outage, log, self.worker_id, exc, self.queue))
             return _FAILED
-        database_succeeded(self._outage, log, self.worker_id)
+        database_succeeded(self._outage, log, self.worker_id, self.queue)
         return result
 
 

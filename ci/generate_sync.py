@@ -6,7 +6,13 @@ Their sync twins are produced here by removing ``async``/``await``, renaming
 the async names to their sync counterparts, and formatting with ruff. A
 generated file says so on its first line; never edit one by hand.
 
-    python ci/generate_sync.py            # write the sync modules
+The behavioural integration tests of the async API are generated the same
+way into sync test modules (``TESTS``), so each behaviour is asserted on both
+``AsyncAbsurd`` and ``Absurd``. In a source, a line ending with ``# async only``
+is left out of the sync output, and so is every line of a block from
+``# async only: begin`` to ``# async only: end`` (a whole async-specific test).
+
+    python ci/generate_sync.py            # write the sync modules and tests
     python ci/generate_sync.py --check    # exit 1 if any is missing or differs
 
 CI runs the first and then ``git diff --exit-code``, so a stale or hand-edited
@@ -21,7 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "absurd_sqla"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "absurd_sqla"
 
 # async source -> generated sync module
 MODULES = {
@@ -30,6 +37,12 @@ MODULES = {
     "context_async.py": "context.py",
     "_execute_async.py": "_execute.py",
     "client_async.py": "client.py",
+}
+
+# async test module -> generated sync test module, relative to the repository root
+TESTS = {
+    "tests/integration/test_async_client.py": "tests/integration/test_gen_sync_client.py",
+    "tests/integration/test_async_context.py": "tests/integration/test_gen_sync_context.py",
 }
 
 # Whole import lines whose sync form comes from another module.
@@ -43,6 +56,7 @@ SQLALCHEMY_ASYNC = {
     "AsyncEngine": ("sqlalchemy", "Engine"),
     "AsyncSession": ("sqlalchemy.orm", "Session"),
     "async_sessionmaker": ("sqlalchemy.orm", "sessionmaker"),
+    "create_async_engine": ("sqlalchemy", "create_engine"),
 }
 _SQLALCHEMY_ASYNC_IMPORT = re.compile(
     r"^from sqlalchemy\.ext\.asyncio import (?:\(([^)]*)\)|([^\n]*))$", re.MULTILINE
@@ -81,10 +95,32 @@ NAMES = {
     "worker_async": "worker",
 }
 
-_NAMES = re.compile(r"\b(" + "|".join(sorted(NAMES, key=len, reverse=True)) + r")\b")
+# More names for the tests: tests/support.py has each helper in both forms.
+TEST_NAMES = {
+    **NAMES,
+    "async_app_for": "app_for",
+    "async_concurrently": "concurrently",
+    "async_worker_task": "worker_thread",
+    "AsyncBarrier": "Barrier",
+    "AsyncEvent": "Event",
+    "AsyncExitStack": "ExitStack",
+    "enter_async_context": "enter_context",
+    "create_async_engine": "create_engine",
+    "psycopg_async": "psycopg",
+}
+
+
+def _words(names: dict[str, str]) -> re.Pattern[str]:
+    return re.compile(r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b")
+
+
+_NAMES = _words(NAMES)
+_TEST_NAMES = _words(TEST_NAMES)
+ASYNC_ONLY = "# async only"
+BEGIN, END = f"{ASYNC_ONLY}: begin", f"{ASYNC_ONLY}: end"
 _AWAIT = re.compile(r"\bawait\s+")
 _ASYNC = re.compile(r"\basync\s+(?=def\b|with\b|for\b)")
-_CALL_START = re.compile(r"\((?=[A-Za-z_][\w.]*\()")
+_CALL_START = re.compile(r"(?<![\w)\]])\((?=[A-Za-z_][\w.]*\()")  # not a call's own "("
 
 
 def _closing(code: str, start: int) -> int:
@@ -127,30 +163,56 @@ def _strip_awaitable(code: str) -> str:
 
 
 def header(source: str) -> str:
+    """``source`` is the async file's path from the repository root."""
+    name = Path(source).name if source.startswith("absurd_sqla/") else source
     return (
-        f"# GENERATED from absurd_sqla/{source} by ci/generate_sync.py: do not edit.\n"
-        f"# Change {source} and run `python ci/generate_sync.py`.\n"
+        f"# GENERATED from {source} by ci/generate_sync.py: do not edit.\n"
+        f"# Change {name} and run `python ci/generate_sync.py`.\n"
     )
 
 
-def transform(source_name: str, text: str) -> str:
-    lines = [
-        IMPORTS.get(line.rstrip(), line)
-        for line in text.splitlines()
-        if not line.rstrip().endswith("# async only")
-    ]
-    code = "\n".join(lines) + "\n"
+def _sync_lines(source: str, text: str) -> list[str]:
+    """The source's lines without the ``# async only`` ones and blocks."""
+    lines, block_start = [], None
+    for number, line in enumerate(text.splitlines(), 1):
+        marker = line.strip()
+        if marker == BEGIN:
+            if block_start is not None:
+                raise ValueError(
+                    f"{source}:{number}: {BEGIN!r} inside the block of line {block_start}"
+                )
+            block_start = number
+        elif marker == END:
+            if block_start is None:
+                raise ValueError(f"{source}:{number}: {END!r} without {BEGIN!r}")
+            block_start = None
+        elif block_start is None and not line.rstrip().endswith(ASYNC_ONLY):
+            lines.append(IMPORTS.get(line.rstrip(), line))
+    if block_start is not None:
+        raise ValueError(f"{source}:{block_start}: {BEGIN!r} without {END!r}")
+    return lines
+
+
+def transform(source: str, text: str, *, test: bool = False) -> str:
+    """The sync form of ``text``, the async file at ``source`` (a path from the
+    repository root; a bare name is a module of the package)."""
+    if "/" not in source:
+        source = f"absurd_sqla/{source}"
+    code = "\n".join(_sync_lines(source, text)) + "\n"
     code = _SQLALCHEMY_ASYNC_IMPORT.sub(_sync_imports, code)
     code = _strip_awaitable(code)
     code = _ASYNC.sub("", code)
     code = _AWAIT.sub("", code)
     code = _drop_call_parens(code)
-    code = _NAMES.sub(lambda m: NAMES[m.group(1)], code)
-    return header(source_name) + _ruff(code)
+    names, pattern = (TEST_NAMES, _TEST_NAMES) if test else (NAMES, _NAMES)
+    code = pattern.sub(lambda m: names[m.group(1)], code)
+    return header(source) + _ruff(code, ROOT / source)
 
 
-def _ruff(code: str) -> str:
-    """Sort and prune the imports, then format, as the repository's ruff does."""
+def _ruff(code: str, path: Path) -> str:
+    """Sort and prune the imports, then format, as the repository's ruff does
+    (configured for ``path``, a file in this repository, as its first-party
+    imports and its per-file settings go)."""
     fixed = subprocess.run(
         [
             sys.executable,
@@ -159,9 +221,12 @@ def _ruff(code: str) -> str:
             "check",
             "--fix",
             "--select",
-            "I,F401",
+            "I,F401,SIM117",
+            # Merged ``with`` statements may be long: ruff format wraps them.
+            "--line-length",
+            "1000",
             "--stdin-filename",
-            str(PACKAGE / "generated.py"),
+            str(path),
             "-",
         ],
         input=code,
@@ -176,7 +241,7 @@ def _ruff(code: str) -> str:
             "ruff",
             "format",
             "--stdin-filename",
-            str(PACKAGE / "generated.py"),
+            str(path),
             "-",
         ],
         input=fixed,
@@ -189,13 +254,35 @@ def _ruff(code: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if any module differs")
-    parser.add_argument("--package", type=Path, default=PACKAGE, help="the package directory")
+    parser.add_argument("--check", action="store_true", help="fail if any output differs")
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, help="the repository (its tests/ are generated too)"
+    )
+    parser.add_argument(
+        "--package",
+        type=Path,
+        default=None,
+        help="the package directory (default: ROOT/absurd_sqla)",
+    )
     args = parser.parse_args()
+    package = args.package if args.package is not None else args.root / "absurd_sqla"
+    jobs = [
+        (
+            f"absurd_sqla/{source}",
+            package / source,
+            f"absurd_sqla/{target}",
+            package / target,
+            False,
+        )
+        for source, target in MODULES.items()
+    ]
+    jobs += [
+        (source, args.root / source, target, args.root / target, True)
+        for source, target in TESTS.items()
+    ]
     stale = []
-    for source, target in MODULES.items():
-        generated = transform(source, (args.package / source).read_text())
-        path = args.package / target
+    for source, source_path, target, path, test in jobs:
+        generated = transform(source, source_path.read_text(), test=test)
         current = path.read_text() if path.exists() else None
         if current == generated:
             continue
@@ -203,9 +290,9 @@ def main() -> int:
             stale.append(target)
         else:
             path.write_text(generated)
-            print(f"wrote absurd_sqla/{target}")
+            print(f"wrote {target}")
     if stale:
-        print("stale or hand-edited: " + ", ".join(f"absurd_sqla/{t}" for t in stale))
+        print("stale or hand-edited: " + ", ".join(stale))
         print("run: python ci/generate_sync.py")
         return 1
     return 0

@@ -14,22 +14,21 @@ import functools
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from absurd_sqla import AsyncAbsurd
+from absurd_sqla import Absurd, AsyncAbsurd
 from absurd_sqla._run import ClaimedRun
 from absurd_sqla.models import runs, tasks, waits
 
-if TYPE_CHECKING:
-    from absurd_sqla import Absurd
-
 DEADLINE = 15.0  # seconds: generous upper bound for any awaited condition
+
+T = TypeVar("T")
 
 
 class Base(DeclarativeBase):
@@ -206,6 +205,11 @@ class Outcome:
 
 
 # -- asyncio ---------------------------------------------------------------------------
+#
+# tests/integration/test_async_*.py are turned into sync test modules by
+# ci/generate_sync.py, which renames each async helper below to its sync twin
+# (``async_app_for`` -> ``app_for``, ``AsyncBarrier`` -> ``Barrier``, ...): the
+# two forms of a helper take the same arguments and mean the same thing.
 
 
 def run_async(test: Callable[..., Any]) -> Callable[..., Any]:
@@ -231,3 +235,100 @@ async def async_app_for(url: str, **kwargs: Any) -> AsyncIterator[AsyncAbsurd]:
         yield app
     finally:
         await app.close()
+
+
+@contextlib.contextmanager
+def app_for(url: str, **kwargs: Any) -> Iterator[Absurd]:
+    """An ``Absurd`` on ``url`` with its default queue, closed at the end (the
+    sync twin of ``async_app_for``)."""
+    app = Absurd(url, **kwargs)
+    try:
+        app.create_queue()
+        yield app
+    finally:
+        app.close()
+
+
+async def async_concurrently(*calls: Callable[[], Awaitable[T]]) -> list[T]:
+    """Run the calls at once (tasks on this event loop); their results in order."""
+    return list(await asyncio.gather(*(call() for call in calls)))
+
+
+def concurrently(*calls: Callable[[], T]) -> list[T]:
+    """Run the calls at once (one thread each); their results in order. The
+    first exception raised is raised here once every call has returned."""
+    outcomes = [Outcome(call) for call in calls]
+    for outcome in outcomes:
+        outcome.join()
+    for outcome in outcomes:
+        if outcome.error is not None:
+            raise outcome.error
+    return [outcome.value for outcome in outcomes]
+
+
+class AsyncBarrier:
+    """``asyncio.Barrier`` whose ``wait`` fails the test after ``DEADLINE``."""
+
+    def __init__(self, parties: int) -> None:
+        self._barrier = asyncio.Barrier(parties)
+
+    async def wait(self) -> None:
+        try:
+            await asyncio.wait_for(self._barrier.wait(), DEADLINE)
+        except TimeoutError:
+            pytest.fail(f"timed out after {DEADLINE}s at a barrier")
+
+
+class Barrier:
+    """``threading.Barrier`` whose ``wait`` fails the test after ``DEADLINE``."""
+
+    def __init__(self, parties: int) -> None:
+        self._barrier = threading.Barrier(parties, timeout=DEADLINE)
+
+    def wait(self) -> None:
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            pytest.fail(f"timed out after {DEADLINE}s at a barrier")
+
+
+class AsyncEvent:
+    """``asyncio.Event`` whose ``wait`` fails the test after ``DEADLINE``."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), DEADLINE)
+        except TimeoutError:
+            pytest.fail(f"timed out after {DEADLINE}s waiting for an event")
+
+
+class Event:
+    """``threading.Event`` whose ``wait`` fails the test after ``DEADLINE``."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def wait(self) -> None:
+        if not self._event.wait(DEADLINE):
+            pytest.fail(f"timed out after {DEADLINE}s waiting for an event")
+
+
+@contextlib.asynccontextmanager
+async def async_worker_task(app: AsyncAbsurd, **kwargs: Any) -> AsyncIterator[asyncio.Task[None]]:
+    """``app.start_worker(**kwargs)`` as a task on this event loop, stopped and
+    awaited on exit (the async twin of ``worker_thread``)."""
+    task = asyncio.create_task(app.start_worker(**kwargs))
+    try:
+        yield task
+    finally:
+        app.stop_worker()
+        await asyncio.wait_for(task, DEADLINE)

@@ -2,14 +2,14 @@
 handlers of the wrong kind, writes that join the caller's ``AsyncSession`` or
 ``AsyncConnection`` without committing, and the client's methods (SPEC §3).
 
-The sync twins of these tests live in test_client.py, test_transactional.py
-and test_task_ids.py. Each test makes its own client inside its own event loop
-(``run_async`` + ``async_app_for``): async connections belong to their loop.
+ci/generate_sync.py turns test_async_client.py into its sync twin,
+test_gen_sync_client.py, so every behaviour here is asserted on both clients.
+Each test makes its own client (``async_app_for``); in test_async_client.py
+inside the test's own event loop, since async connections belong to their loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import uuid
@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     async_sessionmaker,
@@ -43,7 +43,15 @@ from absurd_sqla import (
 )
 from absurd_sqla.models import events, tasks
 from absurd_sqla.testing import FakeClock, run_until_idle
-from tests.support import Order, async_app_for, count_runs, count_tasks, run_async, task_state
+from tests.support import (
+    Order,
+    async_app_for,
+    count_runs,
+    count_tasks,
+    run_async,
+    task_state,
+    wait_until,
+)
 
 # -- helpers -------------------------------------------------------------------
 
@@ -60,7 +68,9 @@ def event_count(engine: Engine) -> int:
         return int(conn.scalar(select(func.count()).select_from(events)) or 0)
 
 
-def async_url(database_url: str) -> str:
+def engine_url(database_url: str) -> str:
+    """The database's URL with the driver of this module's engines, psycopg 3's
+    ``psycopg_async`` (the same URL in the sync twin of this module)."""
     return database_url.replace("postgresql+psycopg://", "postgresql+psycopg_async://", 1)
 
 
@@ -91,14 +101,15 @@ def _value(value: Any) -> Any:
 # -- constructor -----------------------------------------------------------------------
 
 
-@run_async
-async def test_bind_url_gives_an_async_engine_and_session_factory(
+@run_async  # async only
+async def test_bind_url_gives_an_engine_and_session_factory(
     database_url: str, clean_db: Engine
 ) -> None:
     app = AsyncAbsurd(database_url, queue_name="from-url")
     try:
         assert isinstance(app.engine, AsyncEngine)
-        assert app.engine.dialect.is_async and app.engine.dialect.name == "postgresql"
+        assert app.engine.dialect.is_async  # async only
+        assert app.engine.dialect.name == "postgresql"
         assert isinstance(app.session_factory, async_sessionmaker)
         assert app.session_factory.kw["bind"] is app.engine
         assert app.queue_name == "from-url"
@@ -107,7 +118,7 @@ async def test_bind_url_gives_an_async_engine_and_session_factory(
         assert count_tasks(clean_db, task_id=spawned.task_id, queue_name="from-url") == 1
     finally:
         await app.close()
-    # A plain postgresql:// URL gets psycopg 3's async driver too.
+    # A plain postgresql:// URL gets psycopg 3's (async) driver too.
     plain = AsyncAbsurd(plain_url(clean_db))
     try:
         assert plain.engine.url.drivername == "postgresql+psycopg_async"
@@ -116,11 +127,9 @@ async def test_bind_url_gives_an_async_engine_and_session_factory(
         await plain.close()
 
 
-@run_async
-async def test_bind_async_engine_and_async_sessionmaker(
-    database_url: str, clean_db: Engine
-) -> None:
-    engine = create_async_engine(async_url(database_url))
+@run_async  # async only
+async def test_bind_engine_and_sessionmaker(database_url: str, clean_db: Engine) -> None:
+    engine = create_async_engine(engine_url(database_url))
     try:
         app = AsyncAbsurd(engine)
         assert app.engine is engine
@@ -141,6 +150,7 @@ async def test_bind_async_engine_and_async_sessionmaker(
     assert count_tasks(clean_db) == 1
 
 
+# async only: begin
 def test_sync_binds_are_refused_by_async_absurd_and_async_binds_by_absurd(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -148,7 +158,7 @@ def test_sync_binds_are_refused_by_async_absurd_and_async_binds_by_absurd(
         AsyncAbsurd(clean_db)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="AsyncAbsurd needs an AsyncEngine or async_sessionmaker"):
         AsyncAbsurd(sessionmaker(clean_db))  # type: ignore[arg-type]
-    async_engine = create_async_engine(async_url(database_url))  # no connection is made
+    async_engine = create_async_engine(engine_url(database_url))  # no connection is made
     with pytest.raises(TypeError, match="Absurd needs an Engine or sessionmaker; use AsyncAbsurd"):
         Absurd(async_engine)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="Absurd needs an Engine or sessionmaker; use AsyncAbsurd"):
@@ -158,8 +168,11 @@ def test_sync_binds_are_refused_by_async_absurd_and_async_binds_by_absurd(
         AsyncAbsurd(async_sessionmaker())
 
 
-def test_an_autocommit_async_engine_is_refused(database_url: str) -> None:
-    url = async_url(database_url)
+# async only: end
+
+
+def test_an_autocommit_engine_is_refused(database_url: str) -> None:
+    url = engine_url(database_url)
     for bind in (
         create_async_engine(url, isolation_level="AUTOCOMMIT"),
         create_async_engine(url).execution_options(isolation_level="AUTOCOMMIT"),
@@ -169,6 +182,7 @@ def test_an_autocommit_async_engine_is_refused(database_url: str) -> None:
             AsyncAbsurd(bind)
 
 
+# async only: begin
 @run_async
 async def test_a_handler_of_the_wrong_kind_is_refused_at_registration(
     database_url: str, clean_db: Engine
@@ -191,10 +205,13 @@ async def test_a_handler_of_the_wrong_kind_is_refused_at_registration(
     assert sync_app.register_task("job")(plain_handler) is plain_handler
 
 
+# async only: end
+
+
 # -- the caller's transaction ------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_commit_keeps_order_and_task(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app, app.session_factory() as session:
         order = Order(email="a@example.com", amount=10)
@@ -207,7 +224,7 @@ async def test_commit_keeps_order_and_task(database_url: str, clean_db: Engine) 
         assert await app.fetch_task_result(spawned.task_id) == TaskResultSnapshot("pending")
 
 
-@run_async
+@run_async  # async only
 async def test_rollback_drops_order_and_task(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         async with app.session_factory() as session:
@@ -220,7 +237,7 @@ async def test_rollback_drops_order_and_task(database_url: str, clean_db: Engine
         assert await app.fetch_task_result(spawned.task_id) is None
 
 
-@run_async
+@run_async  # async only
 async def test_exception_inside_session_begin_writes_nothing(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -238,7 +255,7 @@ async def test_exception_inside_session_begin_writes_nothing(
         assert await app.emit_event("order.created:2", {"id": 3}) is True
 
 
-@run_async
+@run_async  # async only
 async def test_savepoint_rollback_drops_only_the_inner_task(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -255,8 +272,8 @@ async def test_savepoint_rollback_drops_only_the_inner_task(
         assert await app.fetch_task_result(inner.task_id) is None
 
 
-@run_async
-async def test_an_async_connection_joins_too(database_url: str, clean_db: Engine) -> None:
+@run_async  # async only
+async def test_a_connection_joins_too(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         async with app.engine.connect() as conn:
             await app.spawn("fulfil", {}, session=conn)
@@ -271,7 +288,7 @@ async def test_an_async_connection_joins_too(database_url: str, clean_db: Engine
         assert count_tasks(clean_db) == 1
 
 
-@run_async
+@run_async  # async only
 async def test_cancel_and_retry_roll_back_with_the_caller(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -292,7 +309,7 @@ async def test_cancel_and_retry_roll_back_with_the_caller(
         assert task_state(clean_db, pending.task_id) == "cancelled"
 
 
-@run_async
+@run_async  # async only
 async def test_queue_writes_join_the_caller(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         async with app.session_factory() as session:
@@ -302,7 +319,7 @@ async def test_queue_writes_join_the_caller(database_url: str, clean_db: Engine)
         assert await app.list_queues() == ["default"]
 
 
-@run_async
+@run_async  # async only
 async def test_notify_is_sent_only_on_commit(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         with psycopg.connect(plain_url(clean_db), autocommit=True) as listener:
@@ -320,6 +337,7 @@ async def test_notify_is_sent_only_on_commit(database_url: str, clean_db: Engine
             assert list(listener.notifies(timeout=0.2, stop_after=1)) == []
 
 
+# async only: begin
 @run_async
 async def test_a_sync_session_is_refused(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
@@ -331,10 +349,13 @@ async def test_a_sync_session_is_refused(database_url: str, clean_db: Engine) ->
         assert count_tasks(clean_db) == 0
 
 
+# async only: end
+
+
 # -- queues, spawn, events ---------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_queues_create_list_and_drop(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         await app.create_queue("zeta")
@@ -349,7 +370,7 @@ async def test_queues_create_list_and_drop(database_url: str, clean_db: Engine) 
             await app.spawn("t", {}, queue="zeta")
 
 
-@run_async
+@run_async  # async only
 async def test_spawn_stores_every_option(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         await app.create_queue("billing")
@@ -398,7 +419,7 @@ async def test_spawn_stores_every_option(database_url: str, clean_db: Engine) ->
         assert count_tasks(clean_db) == 1
 
 
-@run_async
+@run_async  # async only
 async def test_spawn_many_in_request_order_and_all_or_nothing(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -426,7 +447,7 @@ async def test_spawn_many_in_request_order_and_all_or_nothing(
         assert count_tasks(clean_db) == 3
 
 
-@run_async
+@run_async  # async only
 async def test_emit_event_first_emit_wins(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         await app.create_queue("other")
@@ -444,7 +465,7 @@ async def test_emit_event_first_emit_wins(database_url: str, clean_db: Engine) -
 # -- cancel, retry, results ---------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_cancel_task(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         spawned = await app.spawn("t", {})
@@ -458,7 +479,7 @@ async def test_cancel_task(database_url: str, clean_db: Engine) -> None:
             await app.cancel_task(missing)
 
 
-@run_async
+@run_async  # async only
 async def test_retry_task_in_place_and_as_a_new_task(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         register_flaky(app)
@@ -489,7 +510,7 @@ async def test_retry_task_in_place_and_as_a_new_task(database_url: str, clean_db
         assert kept == 1
 
 
-@run_async
+@run_async  # async only
 async def test_fetch_and_await_task_result(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         register_flaky(app)
@@ -519,7 +540,7 @@ async def test_fetch_and_await_task_result(database_url: str, clean_db: Engine) 
 # -- task ids ---------------------------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_task_ids_are_found_by_id_alone(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         await app.create_queue("other")
@@ -543,7 +564,7 @@ async def test_task_ids_are_found_by_id_alone(database_url: str, clean_db: Engin
 
 
 @pytest.mark.parametrize("method", ["fetch", "await", "cancel", "retry", "retry_new"])
-@run_async
+@run_async  # async only
 async def test_a_queue_name_that_does_not_match_is_refused_and_writes_nothing(
     database_url: str, clean_db: Engine, method: str
 ) -> None:
@@ -571,7 +592,7 @@ async def test_a_queue_name_that_does_not_match_is_refused_and_writes_nothing(
 # -- retention, workers, close --------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_cleanup_deletes_old_finished_tasks_and_events(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -595,8 +616,8 @@ async def test_cleanup_deletes_old_finished_tasks_and_events(
             await app.cleanup(limit=0)
 
 
-@run_async
-async def test_work_batch_runs_async_handlers(database_url: str, clean_db: Engine) -> None:
+@run_async  # async only
+async def test_work_batch_runs_handlers(database_url: str, clean_db: Engine) -> None:
     seen: list[tuple[str, int, str]] = []
     async with async_app_for(database_url) as app:
 
@@ -604,7 +625,7 @@ async def test_work_batch_runs_async_handlers(database_url: str, clean_db: Engin
         async def greet(params: Any, ctx: AsyncTaskContext) -> str:
             assert isinstance(ctx, AsyncTaskContext)
             seen.append((ctx.task_name, ctx.attempt, ctx.queue_name))
-            return await ctx.step("say", _value(f"hello {params['name']}"))
+            return str(await ctx.step("say", _value(f"hello {params['name']}")))
 
         first = await app.spawn("greet", {"name": "ada"})
         second = await app.spawn("greet", {"name": "bob"})
@@ -633,7 +654,7 @@ def backends_named(engine: Engine, name: str) -> int:
         )
 
 
-@run_async
+@run_async  # async only
 async def test_close_disposes_of_the_pool(database_url: str, clean_db: Engine) -> None:
     name = f"absurd-close-{uuid.uuid4().hex[:8]}"
     app = AsyncAbsurd(f"{database_url}?application_name={name}")
@@ -641,12 +662,38 @@ async def test_close_disposes_of_the_pool(database_url: str, clean_db: Engine) -
     await app.spawn("t", {})
     assert backends_named(clean_db, name) >= 1  # the pool keeps its connection
     await app.close()
-    assert backends_named(clean_db, name) == 0
+    # A closed connection's backend leaves pg_stat_activity a moment after it exits.
+    wait_until(lambda: backends_named(clean_db, name) == 0, "the pool's backends to exit")
 
 
-# -- absurd_sqla.testing with asyncio ---------------------------------------------------------
+# -- absurd_sqla.testing ---------------------------------------------------------------------
 
 
+@run_async  # async only
+async def test_fake_clock_moves_a_sleep(database_url: str, clean_db: Engine) -> None:
+    async with async_app_for(database_url) as app:
+
+        @app.register_task("nap")
+        async def nap(params: Any, ctx: AsyncTaskContext) -> str:
+            await ctx.sleep_for("an-hour", 3600)
+            return "rested"
+
+        with FakeClock(app.engine, start=datetime(2030, 1, 1, 12)) as clock:
+            spawned = await app.spawn("nap", {})
+            pending_run = run_until_idle(app)
+            assert not isinstance(pending_run, int)  # an awaitable, not run yet  # async only
+            assert await pending_run == 1
+            assert await app.fetch_task_result(spawned.task_id) == TaskResultSnapshot("sleeping")
+            clock.advance(3599)
+            assert await run_until_idle(app) == 0  # not due yet
+            assert clock.advance(1) == datetime(2030, 1, 1, 13, tzinfo=UTC)
+            assert await run_until_idle(app) == 1
+        assert await app.fetch_task_result(spawned.task_id) == TaskResultSnapshot(
+            "completed", "rested"
+        )
+
+
+# async only: begin
 async def fake_now_of(engine: AsyncEngine) -> tuple[int, str]:
     """(backend pid, absurd.fake_now) of a connection the engine hands out."""
     async with engine.connect() as conn:
@@ -659,32 +706,8 @@ async def fake_now_of(engine: AsyncEngine) -> tuple[int, str]:
 
 
 @run_async
-async def test_fake_clock_moves_an_async_sleep(database_url: str, clean_db: Engine) -> None:
-    async with async_app_for(database_url) as app:
-
-        @app.register_task("nap")
-        async def nap(params: Any, ctx: AsyncTaskContext) -> str:
-            await ctx.sleep_for("an-hour", 3600)
-            return "rested"
-
-        with FakeClock(app.engine, start=datetime(2030, 1, 1, 12)) as clock:
-            spawned = await app.spawn("nap", {})
-            pending_run = run_until_idle(app)
-            assert not isinstance(pending_run, int)  # an awaitable, not run yet
-            assert await pending_run == 1
-            assert await app.fetch_task_result(spawned.task_id) == TaskResultSnapshot("sleeping")
-            clock.advance(3599)
-            assert await run_until_idle(app) == 0  # not due yet
-            assert clock.advance(1) == datetime(2030, 1, 1, 13, tzinfo=UTC)
-            assert await run_until_idle(app) == 1
-        assert await app.fetch_task_result(spawned.task_id) == TaskResultSnapshot(
-            "completed", "rested"
-        )
-
-
-@run_async
 async def test_fake_clock_on_an_async_engine_starts_without_io(database_url: str) -> None:
-    engine = create_async_engine(async_url(database_url))
+    engine = create_async_engine(engine_url(database_url))
     try:
         before = datetime.now(UTC)
         clock = FakeClock(engine)
@@ -698,9 +721,12 @@ async def test_fake_clock_on_an_async_engine_starts_without_io(database_url: str
         await engine.dispose()
 
 
-@run_async
-async def test_closing_the_fake_clock_leaves_no_async_connection_on_it(database_url: str) -> None:
-    engine = create_async_engine(async_url(database_url), pool_size=3)
+# async only: end
+
+
+@run_async  # async only
+async def test_closing_the_fake_clock_leaves_no_pooled_connection_on_it(database_url: str) -> None:
+    engine = create_async_engine(engine_url(database_url), pool_size=3)
     try:
         clock = FakeClock(engine, start=datetime(2030, 1, 1, tzinfo=UTC))
         async with contextlib.AsyncExitStack() as stack:  # three pooled connections pinned
@@ -721,51 +747,36 @@ async def test_closing_the_fake_clock_leaves_no_async_connection_on_it(database_
         await engine.dispose()
 
 
-def test_closing_the_fake_clock_leaves_no_sync_connection_on_it(database_url: str) -> None:
-    engine = create_engine(database_url, pool_size=2)
+@run_async  # async only
+async def test_a_closed_fake_clock_leaves_the_next_clock_or_the_real_one(database_url: str) -> None:
+    engine = create_async_engine(engine_url(database_url), pool_size=2)
     try:
-        with (
-            FakeClock(engine, start=datetime(2030, 1, 1, tzinfo=UTC)) as clock,
-            engine.connect() as first,
-            engine.connect() as second,
-        ):
-            assert first.scalar(text("SELECT absurd.now()")) == clock.now()
-            assert second.scalar(text("SELECT absurd.now()")) == clock.now()
+        with FakeClock(engine, start=datetime(2030, 1, 1, tzinfo=UTC)) as clock:
+            async with engine.connect() as first, engine.connect() as second:
+                assert await first.scalar(text("SELECT absurd.now()")) == clock.now()
+                assert await second.scalar(text("SELECT absurd.now()")) == clock.now()
         second_clock = FakeClock(engine, start=datetime(2040, 1, 1, tzinfo=UTC))
-        with engine.connect() as conn:  # the next clock's time, not the closed one's
-            assert conn.scalar(text("SELECT absurd.now()")) == second_clock.now()
+        async with engine.connect() as conn:  # the next clock's time, not the closed one's
+            assert await conn.scalar(text("SELECT absurd.now()")) == second_clock.now()
         second_clock.close()
-        with engine.connect() as first, engine.connect() as second:
+        async with engine.connect() as first, engine.connect() as second:
             for conn in (first, second):
-                assert conn.scalar(text("SELECT current_setting('absurd.fake_now', true)")) == ""
+                setting = text("SELECT current_setting('absurd.fake_now', true)")
+                assert await conn.scalar(setting) == ""
     finally:
-        engine.dispose()
+        await engine.dispose()
 
 
-@pytest.mark.parametrize("client", ["sync", "async"])
-def test_run_until_idle_gives_up_on_a_task_that_never_finishes(
-    database_url: str, clean_db: Engine, client: str
+@run_async  # async only
+async def test_run_until_idle_gives_up_on_a_task_that_never_finishes(
+    database_url: str, clean_db: Engine
 ) -> None:
-    def forever(params: Any, ctx: Any) -> None:
-        raise RuntimeError("again")
+    async with async_app_for(database_url, default_max_attempts=None) as app:
 
-    async def forever_async(params: Any, ctx: Any) -> None:
-        raise RuntimeError("again")
+        @app.register_task("forever")
+        async def forever(params: Any, ctx: AsyncTaskContext) -> None:
+            raise RuntimeError("again")
 
-    if client == "sync":
-        app = Absurd(clean_db, default_max_attempts=None)
-        app.create_queue()
-        app.register_task("forever")(forever)
-        app.spawn("forever", {})
+        await app.spawn("forever", {})
         with pytest.raises(RuntimeError, match="still busy after 3 batches"):
-            run_until_idle(app, max_batches=3)
-        return
-
-    async def scenario() -> None:
-        async with async_app_for(database_url, default_max_attempts=None) as app:
-            app.register_task("forever")(forever_async)
-            await app.spawn("forever", {})
-            with pytest.raises(RuntimeError, match="still busy after 3 batches"):
-                await run_until_idle(app, max_batches=3)
-
-    asyncio.run(scenario())
+            await run_until_idle(app, max_batches=3)

@@ -1,20 +1,20 @@
-"""``AsyncTaskContext`` through ``AsyncAbsurd`` (SPEC §4) against a real PostgreSQL:
-the asyncio twin of ``test_worker.py``, ``test_crash.py``, ``test_max_duration.py``
-and ``test_current_context.py``.
+"""``AsyncTaskContext`` through ``AsyncAbsurd`` (SPEC §4) against a real PostgreSQL.
 
-The database clock is moved, never waited for: ``AsyncClock`` sets
-``absurd.fake_now`` on every connection the client's ``AsyncEngine`` checks
-out, the way ``absurd_sqla.testing.FakeClock`` does for an ``Engine``.
+ci/generate_sync.py turns test_async_context.py into its sync twin,
+test_gen_sync_context.py, so every behaviour here is asserted on both APIs.
+
+The database clock is moved, never waited for: ``absurd_sqla.testing.FakeClock``
+sets ``absurd.fake_now`` on every connection the client's ``AsyncEngine`` checks out.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 import subprocess
 import sys
 import time
+from asyncio import sleep as async_sleep
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, func, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from absurd_sqla import (
     AsyncAbsurd,
@@ -35,53 +35,29 @@ from absurd_sqla import (
 )
 from absurd_sqla.context_async import AsyncTaskContext
 from absurd_sqla.models import checkpoints, events, runs, tasks, waits
-from tests.support import DEADLINE, Order, async_app_for, run_async, run_states, task_state
+from absurd_sqla.testing import FakeClock
+from tests.support import (
+    AsyncBarrier,
+    AsyncEvent,
+    Order,
+    async_app_for,
+    async_concurrently,
+    async_worker_task,
+    run_async,
+    run_states,
+    task_state,
+)
 
 # -- helpers -------------------------------------------------------------------------
 
 
-class AsyncClock:
-    """``FakeClock`` for an ``AsyncEngine``: "now" is frozen for its connections."""
-
-    def __init__(self, engine: AsyncEngine, start: datetime) -> None:
-        self.engine = engine
-        self._now = start
-        event.listen(engine.sync_engine, "checkout", self._on_checkout)
-
-    def _on_checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(
-                "SELECT set_config('absurd.fake_now', %s, false)", (self._now.isoformat(),)
-            )
-        finally:
-            cursor.close()
-        dbapi_connection.commit()  # the setting is session-level: end the implicit transaction
-
-    def now(self) -> datetime:
-        return self._now
-
-    def set(self, when: datetime) -> None:
-        self._now = when
-
-    def advance(self, seconds: float) -> datetime:
-        self._now += timedelta(seconds=seconds)
-        return self._now
-
-    async def close(self) -> None:
-        event.remove(self.engine.sync_engine, "checkout", self._on_checkout)
-        await self.engine.dispose()  # no pooled connection keeps the fake time
-
-
 @contextlib.asynccontextmanager
-async def clock_for(app: AsyncAbsurd) -> AsyncIterator[AsyncClock]:
+async def clock_for(app: AsyncAbsurd) -> AsyncIterator[FakeClock]:
+    """A ``FakeClock`` on the client's engine, started at the database's time."""
     async with app.engine.connect() as conn:
         start = await conn.scalar(text("SELECT clock_timestamp()"))
-    clock = AsyncClock(app.engine, start)
-    try:
+    with FakeClock(app.engine, start) as clock:
         yield clock
-    finally:
-        await clock.close()
 
 
 async def drain(app: AsyncAbsurd, *, claim_timeout: float = 120) -> int:
@@ -155,7 +131,7 @@ def value(result: Any) -> Callable[[], Awaitable[Any]]:
 # -- steps and replay ------------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_step_runs_once_and_replays_its_value(database_url: str, clean_db: Engine) -> None:
     calls: Counter[str] = Counter()
 
@@ -196,7 +172,7 @@ async def test_step_runs_once_and_replays_its_value(database_url: str, clean_db:
     assert len(runs_of(clean_db, spawned.task_id)) == 1  # sleeping reuses the run
 
 
-@run_async
+@run_async  # async only
 async def test_raising_step_stores_nothing_and_a_non_json_value_fails(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -220,7 +196,7 @@ async def test_raising_step_stores_nothing_and_a_non_json_value_fails(
     assert "not-json" in snapshot.failure["message"]
 
 
-@run_async
+@run_async  # async only
 async def test_run_step_forms_and_begin_complete_step(database_url: str, clean_db: Engine) -> None:
     seen: list[Any] = []
     calls: list[str] = []
@@ -271,7 +247,7 @@ async def test_run_step_forms_and_begin_complete_step(database_url: str, clean_d
 # -- transaction_step --------------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_transaction_step_commits_orm_writes_with_its_checkpoint(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -307,7 +283,7 @@ async def test_transaction_step_commits_orm_writes_with_its_checkpoint(
     assert checkpoint_states(clean_db, spawned.task_id)["insert-order"] == order.id
 
 
-@run_async
+@run_async  # async only
 async def test_transaction_step_is_exactly_once_when_fenced_mid_transaction(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -350,7 +326,7 @@ async def test_transaction_step_is_exactly_once_when_fenced_mid_transaction(
     ]
 
 
-@run_async
+@run_async  # async only
 async def test_transaction_step_refused_after_cancel_rolls_back(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -385,7 +361,7 @@ async def test_transaction_step_refused_after_cancel_rolls_back(
     assert snapshot.state == "cancelled"
 
 
-@run_async
+@run_async  # async only
 async def test_transaction_step_function_raising_rolls_back_and_retries_once(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -417,7 +393,7 @@ async def test_transaction_step_function_raising_rolls_back_and_retries_once(
     assert [r.state for r in runs_of(clean_db, spawned.task_id)] == ["failed", "completed"]
 
 
-@run_async
+@run_async  # async only
 async def test_transaction_step_commit_inside_fn_fails_the_step(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -442,7 +418,7 @@ async def test_transaction_step_commit_inside_fn_fails_the_step(
     assert checkpoint_states(clean_db, spawned.task_id) == {}
 
 
-@run_async
+@run_async  # async only
 async def test_transaction_step_non_json_value_rolls_back_and_fails(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -466,11 +442,12 @@ async def test_transaction_step_non_json_value_rolls_back_and_fails(
 
 
 CRASH_SCRIPT = """
-import asyncio, sys
+import signal, sys
 sys.path.append(sys.argv[3])
 from sqlalchemy import create_engine, text
 from absurd_sqla import AsyncAbsurd
 from tests.support import Order
+from tests.support import run_async  # async only
 
 url, mode = sys.argv[1], sys.argv[2]
 effects = create_engine(url)
@@ -478,9 +455,10 @@ effects = create_engine(url)
 
 def record(step):
     with effects.begin() as conn:
-        conn.execute(text("INSERT INTO async_crash_effects (step) VALUES (:s)"), {"s": step})
+        conn.execute(text("INSERT INTO tx_crash_effects (step) VALUES (:s)"), {"s": step})
 
 
+@run_async  # async only
 async def main():
     app = AsyncAbsurd(url)
 
@@ -491,40 +469,40 @@ async def main():
             await session.flush()
             if mode == "before-commit":
                 record("in-transaction")
-                await asyncio.Event().wait()  # killed here, its transaction open
+                signal.pause()  # killed here, its transaction open
             return "written"
 
         await ctx.transaction_step("write", write)
         record("committed")
-        await asyncio.Event().wait()  # killed here, after the commit
+        signal.pause()  # killed here, after the commit
 
     await app.work_batch(claim_timeout=60)
 
 
-asyncio.run(main())
+main()
 """
 
 
 def crash_effects(engine: Engine) -> list[str]:
     with engine.connect() as conn:
-        return list(conn.scalars(text("SELECT step FROM async_crash_effects ORDER BY id")))
+        return list(conn.scalars(text("SELECT step FROM tx_crash_effects ORDER BY id")))
 
 
 @pytest.mark.parametrize(
     ("mode", "marker", "redone"),
     [("before-commit", "in-transaction", ["write"]), ("after-commit", "committed", [])],
 )
-@run_async
-async def test_sigkilled_async_worker_transaction_step_is_exactly_once(
+@run_async  # async only
+async def test_sigkilled_worker_transaction_step_is_exactly_once(
     database_url: str, clean_db: Engine, tmp_path: Path, mode: str, marker: str, redone: list[str]
 ) -> None:
     """A worker process SIGKILLed inside the step's transaction leaves no write
     (the retry writes once); killed right after the commit, the write and its
     checkpoint stay and the retry does not redo them."""
     with clean_db.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS async_crash_effects"))
-        conn.execute(text("CREATE TABLE async_crash_effects (id serial PRIMARY KEY, step text)"))
-    script = tmp_path / "async_crash_worker.py"
+        conn.execute(text("DROP TABLE IF EXISTS tx_crash_effects"))
+        conn.execute(text("CREATE TABLE tx_crash_effects (id serial PRIMARY KEY, step text)"))
+    script = tmp_path / "tx_crash_worker.py"
     script.write_text(CRASH_SCRIPT)
     root = str(Path(__file__).resolve().parents[2])
     calls: list[str] = []
@@ -537,7 +515,7 @@ async def test_sigkilled_async_worker_transaction_step_is_exactly_once(
             while marker not in crash_effects(clean_db):  # wait on a condition
                 assert worker.poll() is None, "the worker exited early"
                 assert time.monotonic() < deadline, f"the worker never reached {marker!r}"
-                await asyncio.sleep(0.01)
+                await async_sleep(0.01)  # polls the condition above
         finally:
             worker.send_signal(signal.SIGKILL)
             worker.wait(10)
@@ -615,7 +593,7 @@ def _fenced_op(name: str) -> Callable[[AsyncTaskContext], Awaitable[Any]]:
         "heartbeat",
     ],
 )
-@run_async
+@run_async  # async only
 async def test_a_worker_with_an_expired_lease_commits_nothing(
     database_url: str, clean_db: Engine, op: str
 ) -> None:
@@ -646,7 +624,7 @@ async def test_a_worker_with_an_expired_lease_commits_nothing(
     assert run_states(clean_db, spawned.task_id) == ["failed", "pending"]
 
 
-@run_async
+@run_async  # async only
 async def test_heartbeat_and_checkpoints_extend_the_lease(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -671,7 +649,7 @@ async def test_heartbeat_and_checkpoints_extend_the_lease(
     assert run_states(clean_db, spawned.task_id) == ["completed"]
 
 
-@run_async
+@run_async  # async only
 async def test_heartbeat_after_cancel_raises_cancelled_task(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -701,7 +679,7 @@ async def test_heartbeat_after_cancel_raises_cancelled_task(
 # -- sleeping ----------------------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_sleep_until_and_sleep_for_checkpoint_the_wake_time(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -737,7 +715,7 @@ async def test_sleep_until_and_sleep_for_checkpoint_the_wake_time(
     assert len(entries) == 3
 
 
-@run_async
+@run_async  # async only
 async def test_sleep_in_the_past_does_not_suspend(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app, clock_for(app) as clock:
 
@@ -756,7 +734,7 @@ async def test_sleep_in_the_past_does_not_suspend(database_url: str, clean_db: E
 # -- events ------------------------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_event_emitted_before_the_await_is_delivered(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -774,7 +752,7 @@ async def test_event_emitted_before_the_await_is_delivered(
     assert checkpoint_states(clean_db, spawned.task_id) == {"$await:ready": {"payload": {"n": 1}}}
 
 
-@run_async
+@run_async  # async only
 async def test_await_suspends_and_an_emit_wakes_it_with_the_payload(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -802,7 +780,7 @@ async def test_await_suspends_and_an_emit_wakes_it_with_the_payload(
     assert count_rows(clean_db, waits) == 0
 
 
-@run_async
+@run_async  # async only
 async def test_await_timeout_is_checkpointed_and_replays_as_timeout(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -837,7 +815,7 @@ async def test_await_timeout_is_checkpointed_and_replays_as_timeout(
     assert snapshot.state == "completed" and snapshot.result == "timeout"
 
 
-@run_async
+@run_async  # async only
 async def test_emit_event_from_a_task_wakes_a_waiting_task(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -869,7 +847,7 @@ async def test_emit_event_from_a_task_wakes_a_waiting_task(
 # -- child tasks -------------------------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_spawn_a_child_and_await_its_result(database_url: str, clean_db: Engine) -> None:
     parent_entries: list[int] = []
     child_headers: list[dict[str, Any]] = []
@@ -909,7 +887,7 @@ async def test_spawn_a_child_and_await_its_result(database_url: str, clean_db: E
     assert stored[f"$await-task:{snapshot.result['child']}"]["payload"]["result"] == 42
 
 
-@run_async
+@run_async  # async only
 async def test_await_task_result_timeout_is_checkpointed(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -949,7 +927,7 @@ async def test_await_task_result_timeout_is_checkpointed(
 # -- identity, failure and retries ----------------------------------------------------------
 
 
-@run_async
+@run_async  # async only
 async def test_identity_headers_and_attempt_after_a_failure(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -982,7 +960,7 @@ async def test_identity_headers_and_attempt_after_a_failure(
     assert snapshot.state == "completed" and snapshot.result == "second try"
 
 
-@run_async
+@run_async  # async only
 async def test_control_flow_signals_are_not_swallowed_by_except_exception(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -1034,7 +1012,7 @@ def helper_deep_inside() -> str:
     return str(ctx.task_id)
 
 
-@run_async
+@run_async  # async only
 async def test_current_context_is_the_handlers_inside_and_none_outside(
     database_url: str, clean_db: Engine
 ) -> None:
@@ -1070,13 +1048,13 @@ async def test_current_context_is_the_handlers_inside_and_none_outside(
     assert snapshot.result == str(spawned.task_id)
 
 
-@run_async
+@run_async  # async only
 async def test_concurrent_handlers_each_see_their_own_context(
     database_url: str, clean_db: Engine
 ) -> None:
-    """Two handlers in flight at once on one event loop: each is suspended at an
-    await while the other runs, and each still sees itself afterwards."""
-    both_in = asyncio.Barrier(2)
+    """Two handlers in flight at once (two tasks on one event loop, or two
+    threads): each waits for the other to be in, and each still sees itself."""
+    both_in = AsyncBarrier(2)
     results: dict[str, Any] = {}
 
     async with async_app_for(database_url) as app:
@@ -1084,7 +1062,7 @@ async def test_concurrent_handlers_each_see_their_own_context(
         @app.register_task("pair")
         async def pair(params: Any, ctx: AsyncTaskContext) -> str:
             before = get_current_context() is ctx
-            await asyncio.wait_for(both_in.wait(), DEADLINE)  # the other handler runs now
+            await both_in.wait()  # the other handler runs now
             await ctx.step("round-trip", value(params["name"]))
             current = get_current_context()
             results[params["name"]] = (before, current is ctx, helper_deep_inside())
@@ -1092,25 +1070,27 @@ async def test_concurrent_handlers_each_see_their_own_context(
 
         a = await app.spawn("pair", {"name": "a"})
         b = await app.spawn("pair", {"name": "b"})
-        claimed = await asyncio.gather(app.work_batch("w1"), app.work_batch("w2"))
+        claimed = await async_concurrently(
+            lambda: app.work_batch("w1"), lambda: app.work_batch("w2")
+        )
         assert sorted(claimed) == [1, 1]
     assert results == {"a": (True, True, str(a.task_id)), "b": (True, True, str(b.task_id))}
     assert get_current_context() is None
 
 
-@run_async
-async def test_concurrent_handlers_in_the_async_worker_see_their_own_context(
+@run_async  # async only
+async def test_concurrent_handlers_in_the_worker_see_their_own_context(
     database_url: str, clean_db: Engine
 ) -> None:
-    both_in = asyncio.Barrier(2)
+    both_in = AsyncBarrier(2)
     results: dict[str, Any] = {}
-    done = asyncio.Event()
+    done = AsyncEvent()
 
     async with async_app_for(database_url) as app:
 
         @app.register_task("pair")
         async def pair(params: Any, ctx: AsyncTaskContext) -> None:
-            await asyncio.wait_for(both_in.wait(), DEADLINE)
+            await both_in.wait()
             await ctx.heartbeat()
             results[params["name"]] = get_current_context() is ctx and helper_deep_inside()
             if len(results) == 2:
@@ -1118,12 +1098,8 @@ async def test_concurrent_handlers_in_the_async_worker_see_their_own_context(
 
         a = await app.spawn("pair", {"name": "a"})
         b = await app.spawn("pair", {"name": "b"})
-        worker = asyncio.create_task(app.start_worker(concurrency=2, poll_interval=0.05))
-        try:
-            await asyncio.wait_for(done.wait(), DEADLINE)
-        finally:
-            app.stop_worker()
-            await asyncio.wait_for(worker, DEADLINE)
+        async with async_worker_task(app, concurrency=2, poll_interval=0.05):
+            await done.wait()
     assert results == {"a": str(a.task_id), "b": str(b.task_id)}
 
 
@@ -1134,7 +1110,7 @@ LIMIT = 60  # seconds of max_duration in these tests
 
 
 @pytest.mark.parametrize("checkpoint", ["step", "complete_step", "transaction_step", "heartbeat"])
-@run_async
+@run_async  # async only
 async def test_max_duration_is_enforced_at_a_checkpoint(
     database_url: str, clean_db: Engine, checkpoint: str
 ) -> None:
@@ -1177,7 +1153,7 @@ async def test_max_duration_is_enforced_at_a_checkpoint(
         assert (count_orders(clean_db), "a" in stored) in ((0, False), (1, True))
 
 
-@run_async
+@run_async  # async only
 async def test_within_max_duration_nothing_is_cancelled(
     database_url: str, clean_db: Engine
 ) -> None:

@@ -172,3 +172,37 @@ def test_claim_and_sweep_use_partial_indexes_in_generic_plans(
     claim_plan, sweep_plan = (n for n in notices if "absurd.runs" in n)
     assert "ix_runs_claim" in claim_plan, claim_plan  # observed: Seq Scan on runs
     assert "ix_runs_lease" in sweep_plan, sweep_plan
+
+
+def test_inspection_uses_indexes(many_finished: Absurd) -> None:
+    """list_tasks under each filter, a task's children and the recent finishes
+    of queue_stats use an index, not a scan of every task or run."""
+    from absurd_sqla import _inspect
+
+    def listing(**filters: Any) -> str:
+        given = {"queue": None, "state": None, "task_name": None, "since": None, "after": None}
+        params = _inspect.list_params(**{**given, **filters, "limit": 50})
+        bound = {key: value for key, value in params.items() if value is not None}
+        return explain(conn, _inspect.list_tasks(params), bound)
+
+    with many_finished.engine.connect() as conn:
+        some = uuid.UUID("00000000-0000-7000-8000-000000000010")
+        plans = {
+            "all": listing(),
+            "queue": listing(queue="rare"),  # rare filters: the index, not pk_tasks
+            "state": listing(state="failed"),
+            "name": listing(task_name="live"),
+            "after": listing(queue="rare", after=some),
+            "children": explain(conn, _inspect.task_children, {"task": some}),
+            "finishes": explain(conn, _inspect.recent_finishes({"queue": None}), {}),
+        }
+    assert "pk_tasks" in plans["all"]
+    assert "ix_tasks_list_queue" in plans["queue"]
+    assert "ix_tasks_list_queue" in plans["after"]
+    assert "ix_tasks_list_state" in plans["state"]
+    assert "ix_tasks_list_name" in plans["name"]
+    assert "ix_tasks_parent" in plans["children"]
+    assert "ix_runs_finished" in plans["finishes"]
+    for name, plan in plans.items():
+        for table in ("runs", "tasks"):
+            assert f"Seq Scan on {table}" not in plan, (name, plan)

@@ -1,10 +1,11 @@
 """Our migrations against a real PostgreSQL.
 
 They build exactly what the models declare, have one head labelled ``absurd``,
-run up, down and up again, and work both standalone (``absurd_sqla.migrate``,
-``alembic upgrade head`` from the repo root) and inside an application's own
-Alembic history. The application files below are the ones docs/migrations.md
-shows; a test keeps the two identical.
+run up, down and up again, and work standalone (``absurd_sqla.migrate``,
+``alembic upgrade head`` from the repo root). The setup docs/migrations.md shows
+for an application is tested in test_app_journey.py; the last part here keeps
+the one older releases documented working (absurd's revisions taken into the
+application's own history through ``version_locations``).
 """
 
 from __future__ import annotations
@@ -35,13 +36,12 @@ from absurd_sqla import metadata, migrate
 from tests.conftest import Server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DOCS = REPO_ROOT / "docs" / "migrations.md"
 SCHEMA = "absurd"
-HEAD = "absurd_0001_initial"
+HEAD = "absurd_0002_inspection"
 ABSURD_TABLES = {table.name for table in metadata.tables.values()}
 DOCS_URL = "postgresql+psycopg://localhost/myapp"
 
-# --- the "user app" (shown verbatim in docs/migrations.md) -------------------------
+# --- an app set up the older way: absurd's revisions in its version_locations ---------
 
 APP_INI = """\
 [alembic]
@@ -410,7 +410,7 @@ def test_alembic_cli_from_the_repo_root(fresh_database: str, engine: Engine) -> 
         assert versions(conn, "absurd_alembic_version") == set()
 
 
-# --- inside an application's own history -----------------------------------------------
+# --- the older setup: inside an application's own history ------------------------------
 
 
 # Alembic 1.16 introduced `path_separator`; before it, `version_locations` is split on
@@ -445,7 +445,7 @@ def test_version_locations_with_a_package_resource(tmp_path: Path, separator: st
 @needs_path_separator
 @pytest.mark.skipif(os.pathsep != ":", reason="os.pathsep is ':' on POSIX only")
 def test_path_separator_os_cuts_the_package_resource_in_two(tmp_path: Path) -> None:
-    # Why the docs say `path_separator = space`: `alembic init` writes "os".
+    # Why that setup needed `path_separator = space`: `alembic init` writes "os".
     (tmp_path / "alembic.ini").write_text(
         APP_INI.replace("path_separator = space", "path_separator = os")
     )
@@ -490,7 +490,7 @@ def test_app_history_holds_both_heads(
 
 
 def test_app_autogenerate_would_fail_without_our_metadata(engine: Engine) -> None:
-    # The pitfalls docs/migrations.md warns about, shown on a migrated database.
+    # The pitfalls of that setup without absurd's metadata, shown on a migrated database.
     migrate.upgrade(engine)
     with engine.connect() as conn:
         without_absurd = MigrationContext.configure(conn, opts={"include_schemas": True})
@@ -511,6 +511,7 @@ def test_app_autogenerate_would_fail_without_our_metadata(engine: Engine) -> Non
 
 
 def test_app_revisions_name_their_head(tmp_path: Path) -> None:
+    # A sharp edge of that setup (why the docs moved away from it).
     cfg = write_app(tmp_path)
     with pytest.raises(CommandError, match="Multiple heads"):
         command.revision(cfg, message="add due date")
@@ -518,24 +519,3 @@ def test_app_revisions_name_their_head(tmp_path: Path) -> None:
     assert script is not None and not isinstance(script, list)
     assert script.down_revision == "app_0001_invoices"
     assert Path(script.path).parent == tmp_path / "alembic" / "versions"
-
-
-def test_moving_a_standalone_database_into_the_app_history(
-    engine: Engine, fresh_database: str, tmp_path: Path
-) -> None:
-    migrate.upgrade(engine)
-    cfg = write_app(tmp_path, fresh_database)
-    command.stamp(cfg, "absurd@head")
-    command.upgrade(cfg, "heads")
-    with engine.begin() as conn:
-        assert versions(conn, "alembic_version") == {"app_0001_invoices", HEAD}
-        assert "invoices" in public_tables(conn)
-        conn.execute(text("DROP TABLE public.absurd_alembic_version"))
-    command.check(cfg)
-
-
-def test_docs_show_the_tested_files() -> None:
-    docs = DOCS.read_text()
-    assert APP_INI in docs
-    assert APP_ENV_PY in docs
-    assert 'branch_labels = ("app",)' in docs

@@ -20,13 +20,16 @@ LAYERS = [
     "_children",  # parent/child conventions: pure
     "_sql",  # client statements
     "_sql_worker",  # run statements
+    "_inspect",  # read-only inspection: result types and statements
     "_run",  # one run's state: pure
     "_app",  # configuration, registry, spawn batches: pure
     "_current",  # get_current_context
     "_outage",  # a worker loop's backoff while the database is away: pure
+    "_logs",  # log record fields, the JSON formatter, the CLI's logging set-up: pure
     "_retry",  # which lost writes to retry, and when
     "_runtime",  # what both worker runtimes decide alike
     "_engine",  # bind -> engine + session factory
+    "migrate",  # our Alembic revisions, and where a database's schema stands
     "_db_async",  # AsyncDatabase: the I/O primitives (the source)
     "_db",  # Database: generated from _db_async
     "_ops_async",  # multi-statement operations on a connection (the source)
@@ -41,8 +44,10 @@ LAYERS = [
     "client",  # Absurd, generated
     "testing",
     "localpg",
-    "migrate",
     "_alembic_env",
+    "pytest_plugin",  # fixtures for users' tests
+    "_render",  # the command's tables and JSON: pure
+    "_commands",  # the command's operating subcommands
     "cli",
 ]
 PURE = {"errors", "_core", "_children", "_run", "_app", "_outage"}  # no sqlalchemy.engine/psycopg
