@@ -87,11 +87,16 @@ class Hooks:
     """Optional callbacks.
 
     ``before_spawn(request) -> request`` may rewrite every spawn (add headers
-    for tracing, say). ``wrap_task(ctx, run) -> result`` wraps each handler call.
+    for tracing, say; ``request.parent_task_id`` names the task spawning it with
+    ``ctx.spawn``). ``wrap_task(ctx, call) -> result`` wraps each handler call,
+    ``wrap_step(ctx, name, call) -> value`` each step function that runs (not a
+    step replayed from its checkpoint; ``transaction_step``'s function too). With
+    ``AsyncAbsurd`` the two wrappers return awaitables (``call()`` is one).
     """
 
     before_spawn: Callable[[SpawnRequest], SpawnRequest] | None = None
     wrap_task: Callable[[Any, Callable[[], Any]], Any] | None = None
+    wrap_step: Callable[[Any, str, Callable[[], Any]], Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from . import _core
-from ._core import SpawnResult, TaskResultSnapshot
+from ._core import PARENT_HEADER, SpawnResult, TaskResultSnapshot
 from .errors import InvalidArgument
-from .models import PARENT_HEADER
 
 TASK_EVENT_PREFIX = "$task:"
 

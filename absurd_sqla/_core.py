@@ -44,6 +44,9 @@ _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 # -- ids -------------------------------------------------------------------
 
+# The header in which a child task names its parent (indexed for "children of").
+PARENT_HEADER = "absurd.parent_task_id"
+
 _uuid7_lock = threading.Lock()
 _uuid7_last = (0, 0)  # (millisecond, counter) of the previous id
 
@@ -364,6 +367,17 @@ class SpawnRequest:
     cancellation: Mapping[str, Any] | None = None
     idempotency_key: str | None = None
     run_after: datetime | float | timedelta | None = None
+
+    @property
+    def parent_task_id(self) -> uuid.UUID | None:
+        """The task spawning this one with ``ctx.spawn``, if any (for
+        ``Hooks.before_spawn``; ``get_current_context()`` also tells which
+        task's handler is running)."""
+        parent = (self.headers or {}).get(PARENT_HEADER)
+        try:
+            return None if parent is None else uuid.UUID(str(parent))
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True, slots=True)

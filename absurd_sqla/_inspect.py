@@ -31,10 +31,10 @@ from sqlalchemy.sql.selectable import Select
 
 from . import _core
 from ._children import TASK_EVENT_PREFIX
+from ._core import PARENT_HEADER
 from ._sql import NOW, state_in
 from .errors import InvalidArgument
 from .models import (
-    PARENT_HEADER,
     TASK_STATES,
     TERMINAL_STATES,
     checkpoints,

@@ -36,8 +36,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import CTE, Select
 
 from ._children import TASK_EVENT_PREFIX
+from ._core import PARENT_HEADER
 from .models import (
-    PARENT_HEADER,
     TERMINAL_STATES,
     checkpoints,
     events,

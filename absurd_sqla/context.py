@@ -67,7 +67,7 @@ class TaskContext:
         handle = self._state.begin(name)
         if handle.done:
             return handle.state  # type: ignore[no-any-return]
-        return self.complete_step(handle, fn())
+        return self.complete_step(handle, self._run_step_function(name, fn))
 
     @overload
     def run_step(self, name_or_fn: Callable[[], T]) -> T: ...
@@ -116,7 +116,7 @@ class TaskContext:
         if handle.done:
             return handle.state  # type: ignore[no-any-return]
         with self._db.session() as session, session.begin():
-            value = fn(session)
+            value = self._run_step_function(name, lambda: fn(session))
             session.flush()
             params = self._state.checkpoint_params(handle, value)
             row = (session.connection().execute(sqlw.write_checkpoint, params)).one()
@@ -241,6 +241,13 @@ class TaskContext:
         return _children.snapshot_from_payload(payload)
 
     # -- internals -----------------------------------------------------------
+
+    def _run_step_function(self, name: str, fn: Callable[[], T]) -> T:
+        """``fn()``, through ``Hooks.wrap_step`` if there is one."""
+        wrap = self._core.hooks.wrap_step
+        if wrap is None:
+            return fn()
+        return wrap(self, name, fn)  # type: ignore[no-any-return]
 
     def _enforce_max_duration(self, now: datetime) -> None:
         limit = (self._state.run.cancellation or {}).get("max_duration")

@@ -65,7 +65,7 @@ class AsyncTaskContext:
         handle = self._state.begin(name)
         if handle.done:
             return handle.state  # type: ignore[no-any-return]
-        return await self.complete_step(handle, await fn())
+        return await self.complete_step(handle, await self._run_step_function(name, fn))
 
     @overload
     def run_step(self, name_or_fn: Callable[[], Awaitable[T]]) -> Awaitable[T]: ...
@@ -116,7 +116,7 @@ class AsyncTaskContext:
         if handle.done:
             return handle.state  # type: ignore[no-any-return]
         async with self._db.session() as session, session.begin():
-            value = await fn(session)
+            value = await self._run_step_function(name, lambda: fn(session))
             await session.flush()
             params = self._state.checkpoint_params(handle, value)
             row = (await (await session.connection()).execute(sqlw.write_checkpoint, params)).one()
@@ -245,6 +245,13 @@ class AsyncTaskContext:
         return _children.snapshot_from_payload(payload)
 
     # -- internals -----------------------------------------------------------
+
+    async def _run_step_function(self, name: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """``fn()``, through ``Hooks.wrap_step`` if there is one."""
+        wrap = self._core.hooks.wrap_step
+        if wrap is None:
+            return await fn()
+        return await wrap(self, name, fn)  # type: ignore[no-any-return]
 
     async def _enforce_max_duration(self, now: datetime) -> None:
         limit = (self._state.run.cancellation or {}).get("max_duration")

@@ -27,12 +27,12 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ._core import PARENT_HEADER
+
 SCHEMA = "absurd"
 
 TASK_STATES = ("pending", "running", "sleeping", "completed", "failed", "cancelled")
 TERMINAL_STATES = ("completed", "failed", "cancelled")
-# The header a child task names its parent in (indexed for "children of").
-PARENT_HEADER = "absurd.parent_task_id"
 CLAIMABLE_STATES = ("pending", "sleeping")
 
 NAMING_CONVENTION = {

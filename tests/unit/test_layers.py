@@ -42,6 +42,7 @@ LAYERS = [
     "worker_async",  # the asyncio runtime
     "client_async",  # AsyncAbsurd (the source)
     "client",  # Absurd, generated
+    "otel",  # OpenTelemetry hooks (the otel extra)
     "testing",
     "localpg",
     "_alembic_env",
