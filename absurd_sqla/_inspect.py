@@ -419,19 +419,24 @@ def waiting_for(row: Any, now: datetime | None = None) -> WaitInfo | None:
     return None
 
 
+def _task_fields(row: Any, now: datetime | None) -> dict[str, Any]:
+    """What ``TaskSummary`` and ``TaskDetail`` share, from a task row."""
+    return {
+        "task_id": row.task_id,
+        "task_name": row.task_name,
+        "queue_name": row.queue_name,
+        "state": row.state,
+        "attempts": row.attempts,
+        "max_attempts": row.max_attempts,
+        "created_at": created_at(row.task_id),
+        "started_at": row.first_started_at,
+        "finished_at": row.finished_at,
+        "waiting_for": waiting_for(row, now),
+    }
+
+
 def summary(row: Any, now: datetime | None = None) -> TaskSummary:
-    return TaskSummary(
-        task_id=row.task_id,
-        task_name=row.task_name,
-        queue_name=row.queue_name,
-        state=row.state,
-        attempts=row.attempts,
-        max_attempts=row.max_attempts,
-        created_at=created_at(row.task_id),
-        started_at=row.first_started_at,
-        finished_at=row.finished_at,
-        waiting_for=waiting_for(row, now),
-    )
+    return TaskSummary(**_task_fields(row, now))
 
 
 def page(rows: Sequence[Any], params: Mapping[str, Any], now: datetime) -> TaskPage:
@@ -449,16 +454,8 @@ def detail(
 ) -> TaskDetail:
     parent = (row.headers or {}).get(PARENT_HEADER)
     return TaskDetail(
-        task_id=row.task_id,
-        task_name=row.task_name,
-        queue_name=row.queue_name,
-        state=row.state,
-        attempts=row.attempts,
-        max_attempts=row.max_attempts,
-        created_at=created_at(row.task_id),
+        **_task_fields(row, now),
         enqueued_at=row.enqueued_at,
-        started_at=row.first_started_at,
-        finished_at=row.finished_at,
         params=row.params,
         headers=row.headers,
         retry_strategy=row.retry_strategy,
@@ -467,7 +464,6 @@ def detail(
         result=row.result if row.state == "completed" else None,
         failure=row.last_failure if row.state == "failed" else None,
         cancel_reason=row.cancel_reason,
-        waiting_for=waiting_for(row, now),
         parent_id=_parent_id(parent),
         runs=[
             RunInfo(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -242,7 +243,7 @@ def test_the_documented_journey(fresh_database: str, engine: Engine, tmp_path: P
     (first_name, first), *more = revision_files(versions_dir).items()
     assert more == []
     assert package_files() == before, "a revision was written into the installed package"
-    assert "down_revision: Union[str, Sequence[str], None] = None" in first
+    assert re.search(r"^down_revision\b.*= None$", first, re.MULTILINE)  # a base of its own
     assert "op.create_table('invoices'" in first
     assert "absurd.tasks.task_id" in first  # the foreign key, to a table not created here
     for word in ("absurd_alembic_version", "schema='absurd'", "'queues'", "'runs'"):
@@ -267,7 +268,8 @@ def test_the_documented_journey(fresh_database: str, engine: Engine, tmp_path: P
     files = revision_files(versions_dir)
     assert len(files) == 2 and package_files() == before
     second = next(body for name, body in files.items() if name != first_name)
-    assert f"down_revision: Union[str, Sequence[str], None] = '{first_id}'" in second
+    # The annotation differs between Alembic releases; the value does not.
+    assert re.search(rf"^down_revision\b.*= '{first_id}'$", second, re.MULTILINE)
     assert "op.add_column('invoices', sa.Column('note'" in second
     assert "absurd" not in second.replace("invoice note", "")
     run_alembic("upgrade", "head", cwd=tmp_path)
