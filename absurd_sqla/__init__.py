@@ -6,12 +6,15 @@ from ._current import get_current_context
 from ._inspect import (
     CheckpointInfo,
     ChildInfo,
+    EventInfo,
+    MinuteCount,
     QueueStats,
     RunInfo,
     TaskDetail,
     TaskPage,
     TaskSummary,
     WaitInfo,
+    WaitingTask,
 )
 from ._run import StepHandle
 from .client import Absurd
@@ -45,10 +48,12 @@ __all__ = [
     "CancelledTask",
     "CheckpointInfo",
     "ChildInfo",
+    "EventInfo",
     "Hooks",
     "InvalidArgument",
     "InvalidQueueName",
     "LeaseLost",
+    "MinuteCount",
     "NotSerializable",
     "QueueMismatch",
     "QueueNotFound",
@@ -70,6 +75,7 @@ __all__ = [
     "TaskSummary",
     "TimeoutError",
     "WaitInfo",
+    "WaitingTask",
     "get_current_context",
     "metadata",
     "uuid7",

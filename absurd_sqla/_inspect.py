@@ -25,7 +25,7 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import TIMESTAMP, UUID
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.selectable import Select
 
@@ -38,6 +38,7 @@ from .models import (
     TASK_STATES,
     TERMINAL_STATES,
     checkpoints,
+    events,
     queues,
     runs,
     tasks,
@@ -182,6 +183,39 @@ class QueueStats:
     failed_last_hour: int
 
 
+@dataclass(frozen=True, slots=True)
+class EventInfo:
+    """An emitted event (:meth:`Absurd.list_events`)."""
+
+    queue_name: str
+    event_name: str
+    payload: Any
+    emitted_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingTask:
+    """A run suspended in ``await_event`` (or a parent awaiting a child):
+    :meth:`Absurd.list_waits`."""
+
+    task_id: uuid.UUID
+    task_name: str
+    queue_name: str
+    event_name: str
+    step_name: str
+    timeout_at: datetime | None
+    waiting_since: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteCount:
+    """Runs that finished in one minute (:meth:`Absurd.queue_throughput`)."""
+
+    minute: datetime
+    completed: int
+    failed: int
+
+
 # -- arguments -----------------------------------------------------------------
 
 
@@ -194,6 +228,20 @@ def first_id_at(when: datetime) -> uuid.UUID:
     """The smallest UUIDv7 of the millisecond ``when`` (a lower bound on ids)."""
     millis = max(0, int(when.timestamp() * 1000))
     return uuid.UUID(int=(millis << 80) | (0x7 << 76) | (0b10 << 62))
+
+
+def check_limit(limit: object) -> int:
+    page = _core.check_positive_int("limit", limit)
+    if page > MAX_PAGE:
+        raise InvalidArgument(f"limit must be at most {MAX_PAGE}, got {page}")
+    return page
+
+
+def check_minutes(minutes: object) -> int:
+    span = _core.check_positive_int("minutes", minutes)
+    if span > 1440:
+        raise InvalidArgument(f"minutes must be at most 1440 (a day), got {span}")
+    return span
 
 
 def list_params(
@@ -215,9 +263,7 @@ def list_params(
         raise InvalidArgument(
             f"since must be a timezone-aware datetime or a timedelta, got {_core.show(since)}"
         )
-    page = _core.check_positive_int("limit", limit)
-    if page > MAX_PAGE:
-        raise InvalidArgument(f"limit must be at most {MAX_PAGE}, got {page}")
+    page = check_limit(limit)
     return {
         "queue": None if queue is None else _core.check_queue_name(queue),
         "state": state,
@@ -399,6 +445,59 @@ def recent_finishes(params: Mapping[str, Any]) -> Select[Any]:
     )
 
 
+def recent_events(params: Mapping[str, Any]) -> Select[Any]:
+    """One queue's emitted events, newest first (``ix_events_emitted``)."""
+    conditions = [events.c.queue_name == _queue_param, events.c.emitted_at.is_not(None)]
+    if params.get("before") is not None:
+        conditions.append(events.c.emitted_at < bindparam("before", type_=TIMESTAMP(timezone=True)))
+    return (
+        select(events.c.queue_name, events.c.event_name, events.c.payload, events.c.emitted_at)
+        .where(*conditions)
+        .order_by(events.c.emitted_at.desc(), events.c.event_name)
+        .limit(bindparam("limit", type_=Integer))
+    )
+
+
+def waiting(params: Mapping[str, Any]) -> Select[Any]:
+    """Runs waiting for an event, newest wait first."""
+    return (
+        select(
+            waits.c.task_id,
+            tasks.c.task_name,
+            waits.c.queue_name,
+            waits.c.event_name,
+            waits.c.step_name,
+            waits.c.timeout_at,
+            waits.c.created_at,
+        )
+        .join(tasks, tasks.c.task_id == waits.c.task_id)
+        .where(*_for_queue(waits.c.queue_name, params))
+        .order_by(waits.c.created_at.desc())
+        .limit(bindparam("limit", type_=Integer))
+    )
+
+
+def finishes_per_minute(params: Mapping[str, Any]) -> Select[Any]:
+    """One queue's runs finished per minute over the last ``minutes`` minutes."""
+    minute = func.date_trunc("minute", runs.c.finished_at).label("minute")
+    since = func.date_trunc("minute", NOW) - func.make_interval(
+        0, 0, 0, 0, 0, bindparam("minutes", type_=Integer) - 1
+    )
+    return (
+        select(
+            minute,
+            func.count(case((runs.c.state == "completed", 1))).label("completed"),
+            func.count(case((runs.c.state == "failed", 1))).label("failed"),
+        )
+        .where(
+            runs.c.queue_name == _queue_param,
+            state_in(runs.c.state, *TERMINAL_STATES),
+            runs.c.finished_at >= since,
+        )
+        .group_by(minute)
+    )
+
+
 # -- rows -> results -----------------------------------------------------------
 
 
@@ -524,3 +623,19 @@ def stats(
 
 
 db_now = select(NOW.label("now"))
+
+
+def minutes(rows: Sequence[Any], now: datetime, count: int) -> list[MinuteCount]:
+    """Every minute of the last ``count`` (oldest first), zeros included."""
+    last = now.replace(second=0, microsecond=0)
+    found: dict[datetime, list[int]] = {}
+    for row in rows:
+        totals = found.setdefault(row.minute, [0, 0])
+        totals[0] += row.completed
+        totals[1] += row.failed
+    series = []
+    for back in range(count - 1, -1, -1):
+        minute = last - timedelta(minutes=back)
+        completed, failed = found.get(minute, (0, 0))
+        series.append(MinuteCount(minute, completed, failed))
+    return series

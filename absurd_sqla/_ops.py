@@ -143,12 +143,53 @@ def queue_stats(conn: Connection, queue: str | None) -> list[_inspect.QueueStats
     conn.execute(_SNAPSHOT)
     params = {"queue": queue}
     bound = _bound(params)
-    names = list(conn.scalars(_inspect.queue_names(params), bound))
-    if queue is not None and not names:
-        raise QueueNotFound(f"queue {queue!r} does not exist", queue=queue)
     return _inspect.stats(
-        names,
+        _queues(conn, queue),
         conn.execute(_inspect.state_counts(params), bound).all(),
         conn.execute(_inspect.oldest_due(params), bound).all(),
         conn.execute(_inspect.recent_finishes(params), bound).all(),
     )
+
+
+def _queues(conn: Connection, queue: str | None) -> list[str]:
+    """``[queue]`` if it exists (else ``QueueNotFound``), or every queue."""
+    params = {"queue": queue}
+    names = list(conn.scalars(_inspect.queue_names(params), _bound(params)))
+    if queue is not None and not names:
+        raise QueueNotFound(f"queue {queue!r} does not exist", queue=queue)
+    return names
+
+
+def list_events(
+    conn: Connection, queue: str | None, limit: int, before: Any
+) -> list[_inspect.EventInfo]:
+    """Emitted events newest first: each queue's by its index, then merged."""
+    found: list[_inspect.EventInfo] = []
+    for name in _queues(conn, queue):
+        params = {"queue": name, "limit": limit, "before": before}
+        rows = conn.execute(_inspect.recent_events(params), _bound(params)).all()
+        found += [_inspect.EventInfo(*row) for row in rows]
+    found.sort(key=lambda event: event.emitted_at, reverse=True)
+    return found[:limit]
+
+
+def list_waits(conn: Connection, queue: str | None, limit: int) -> list[_inspect.WaitingTask]:
+    if queue is not None:
+        _queues(conn, queue)
+    params = {"queue": queue, "limit": limit}
+    rows = conn.execute(_inspect.waiting(params), _bound(params)).all()
+    return [_inspect.WaitingTask(*row) for row in rows]
+
+
+def queue_throughput(
+    conn: Connection, queue: str | None, minutes: int
+) -> list[_inspect.MinuteCount]:
+    """Runs finished per minute, oldest minute first; every queue's summed
+    unless ``queue`` is given. One indexed range per queue."""
+    conn.execute(_SNAPSHOT)
+    rows: list[Any] = []
+    for name in _queues(conn, queue):
+        params = {"queue": name, "minutes": minutes}
+        rows += conn.execute(_inspect.finishes_per_minute(params), params).all()
+    now = conn.execute(_inspect.db_now).scalar_one()
+    return _inspect.minutes(rows, now, minutes)

@@ -150,12 +150,55 @@ async def queue_stats(conn: AsyncConnection, queue: str | None) -> list[_inspect
     await conn.execute(_SNAPSHOT)
     params = {"queue": queue}
     bound = _bound(params)
-    names = list(await conn.scalars(_inspect.queue_names(params), bound))
-    if queue is not None and not names:
-        raise QueueNotFound(f"queue {queue!r} does not exist", queue=queue)
     return _inspect.stats(
-        names,
+        await _queues(conn, queue),
         (await conn.execute(_inspect.state_counts(params), bound)).all(),
         (await conn.execute(_inspect.oldest_due(params), bound)).all(),
         (await conn.execute(_inspect.recent_finishes(params), bound)).all(),
     )
+
+
+async def _queues(conn: AsyncConnection, queue: str | None) -> list[str]:
+    """``[queue]`` if it exists (else ``QueueNotFound``), or every queue."""
+    params = {"queue": queue}
+    names = list(await conn.scalars(_inspect.queue_names(params), _bound(params)))
+    if queue is not None and not names:
+        raise QueueNotFound(f"queue {queue!r} does not exist", queue=queue)
+    return names
+
+
+async def list_events(
+    conn: AsyncConnection, queue: str | None, limit: int, before: Any
+) -> list[_inspect.EventInfo]:
+    """Emitted events newest first: each queue's by its index, then merged."""
+    found: list[_inspect.EventInfo] = []
+    for name in await _queues(conn, queue):
+        params = {"queue": name, "limit": limit, "before": before}
+        rows = (await conn.execute(_inspect.recent_events(params), _bound(params))).all()
+        found += [_inspect.EventInfo(*row) for row in rows]
+    found.sort(key=lambda event: event.emitted_at, reverse=True)
+    return found[:limit]
+
+
+async def list_waits(
+    conn: AsyncConnection, queue: str | None, limit: int
+) -> list[_inspect.WaitingTask]:
+    if queue is not None:
+        await _queues(conn, queue)
+    params = {"queue": queue, "limit": limit}
+    rows = (await conn.execute(_inspect.waiting(params), _bound(params))).all()
+    return [_inspect.WaitingTask(*row) for row in rows]
+
+
+async def queue_throughput(
+    conn: AsyncConnection, queue: str | None, minutes: int
+) -> list[_inspect.MinuteCount]:
+    """Runs finished per minute, oldest minute first; every queue's summed
+    unless ``queue`` is given. One indexed range per queue."""
+    await conn.execute(_SNAPSHOT)
+    rows: list[Any] = []
+    for name in await _queues(conn, queue):
+        params = {"queue": name, "minutes": minutes}
+        rows += (await conn.execute(_inspect.finishes_per_minute(params), params)).all()
+    now = (await conn.execute(_inspect.db_now)).scalar_one()
+    return _inspect.minutes(rows, now, minutes)

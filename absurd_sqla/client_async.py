@@ -17,7 +17,14 @@ from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot
 from ._db_async import AsyncDatabase, AsyncSessionLike
 from ._engine import AsyncBind
 from ._execute_async import AsyncExecutor
-from ._inspect import QueueStats, TaskDetail, TaskPage
+from ._inspect import (
+    EventInfo,
+    MinuteCount,
+    QueueStats,
+    TaskDetail,
+    TaskPage,
+    WaitingTask,
+)
 from ._runtime import default_worker_id
 from .errors import InvalidArgument, TaskNotFound, TimeoutError
 from .worker_async import AsyncWorker, AsyncWorkers
@@ -342,6 +349,39 @@ class AsyncAbsurd:
         name = None if queue is None else _core.check_queue_name(queue)
         async with self._db.joined(None) as conn:
             return await _ops_async.queue_stats(conn, name)
+
+    async def list_events(
+        self,
+        *,
+        queue: str | None = None,
+        limit: int = 50,
+        before: datetime | None = None,
+    ) -> list[EventInfo]:
+        """Emitted events, newest first (every queue unless ``queue``); for the
+        next page pass the last one's ``emitted_at`` as ``before``. Read-only."""
+        name = None if queue is None else _core.check_queue_name(queue)
+        page = _inspect.check_limit(limit)
+        cursor = None if before is None else _core.check_aware("before", before)
+        async with self._db.joined(None) as conn:
+            return await _ops_async.list_events(conn, name, page, cursor)
+
+    async def list_waits(self, *, queue: str | None = None, limit: int = 50) -> list[WaitingTask]:
+        """Runs suspended until an event (a parent awaiting a child too), the
+        newest wait first: who waits on what. Read-only."""
+        name = None if queue is None else _core.check_queue_name(queue)
+        page = _inspect.check_limit(limit)
+        async with self._db.joined(None) as conn:
+            return await _ops_async.list_waits(conn, name, page)
+
+    async def queue_throughput(
+        self, queue: str | None = None, *, minutes: int = 60
+    ) -> list[MinuteCount]:
+        """Runs completed and failed per minute over the last ``minutes`` (1 to
+        1440), oldest first, every minute present. Read-only."""
+        name = None if queue is None else _core.check_queue_name(queue)
+        span = _inspect.check_minutes(minutes)
+        async with self._db.joined(None) as conn:
+            return await _ops_async.queue_throughput(conn, name, span)
 
     # -- workers -------------------------------------------------------------
 

@@ -363,3 +363,74 @@ async def test_async_inspection(clean_db: Engine, database_url: str) -> None:
         assert stats.completed_last_minute == 1
         with pytest.raises(InvalidArgument):
             await app.list_tasks(state="nope")
+
+
+# -- events, waits, throughput -----------------------------------------------------------
+
+
+def test_list_events_newest_first_across_queues(app: Absurd, clock: FakeClock) -> None:
+    app.create_queue("other")
+    app.emit_event("first", {"n": 1})
+    clock.advance(1)
+    app.emit_event("second", None, queue_name="other")
+    clock.advance(1)
+    app.emit_event("third", [3])
+    listed = app.list_events()
+    assert [(e.event_name, e.queue_name, e.payload) for e in listed] == [
+        ("third", "default", [3]),
+        ("second", "other", None),
+        ("first", "default", {"n": 1}),
+    ]
+    assert [e.event_name for e in app.list_events(queue="default")] == ["third", "first"]
+    assert [e.event_name for e in app.list_events(limit=1)] == ["third"]
+    older = app.list_events(before=listed[0].emitted_at)
+    assert [e.event_name for e in older] == ["second", "first"]
+    with pytest.raises(QueueNotFound):
+        app.list_events(queue="missing")
+    with pytest.raises(InvalidArgument):
+        app.list_events(before=datetime(2026, 1, 1))  # naive
+
+
+def test_list_waits_says_who_waits_on_what(app: Absurd) -> None:
+    @app.register_task("waiter")
+    def waiter(params: Any, ctx: TaskContext) -> Any:
+        return ctx.await_event(params["event"], timeout=params.get("timeout"))
+
+    first = app.spawn("waiter", {"event": "paid:1"})
+    second = app.spawn("waiter", {"event": "paid:2", "timeout": 30})
+    app.work_batch("w", batch_size=2)
+    waits = app.list_waits()
+    assert {(w.task_id, w.event_name, w.task_name) for w in waits} == {
+        (first.task_id, "paid:1", "waiter"),
+        (second.task_id, "paid:2", "waiter"),
+    }
+    assert {w.event_name: w.timeout_at is None for w in waits} == {"paid:1": True, "paid:2": False}
+    app.emit_event("paid:1")
+    assert [w.task_id for w in app.list_waits(queue="default")] == [second.task_id]
+
+
+def test_queue_throughput_per_minute(app: Absurd, clock: FakeClock) -> None:
+    app.create_queue("other")
+    app.register_task("ok", max_attempts=1)(lambda params, ctx: 1)
+    app.register_task("bad", max_attempts=1)(lambda params, ctx: 1 / 0)
+    app.register_task("ok-other", queue="other")(lambda params, ctx: 1)
+    app.spawn_many([SpawnRequest("ok", {}), SpawnRequest("bad", {})])
+    app.work_batch("w", batch_size=2)
+    clock.advance(120)  # two minutes later
+    app.spawn("ok", {})
+    app.spawn("ok-other", {})
+    app.work_batch("w")
+    app.work_batch("w", queue="other")
+
+    series = app.queue_throughput(minutes=5)
+    assert len(series) == 5
+    assert [s.minute for s in series] == sorted(s.minute for s in series)
+    assert series[-1].minute == clock.now().replace(second=0, microsecond=0)
+    assert (series[-1].completed, series[-1].failed) == (2, 0)  # both queues, summed
+    assert (series[-3].completed, series[-3].failed) == (1, 1)
+    assert sum(s.completed + s.failed for s in series) == 4
+    only_default = app.queue_throughput("default", minutes=5)
+    assert (only_default[-1].completed, only_default[-1].failed) == (1, 0)
+    assert sum(s.completed for s in app.queue_throughput(minutes=1)) == 2
+    with pytest.raises(InvalidArgument):
+        app.queue_throughput(minutes=0)
