@@ -9,6 +9,7 @@ absurd-sqla show TASK_ID
 absurd-sqla spawn NAME --params JSON      absurd-sqla emit EVENT --payload JSON
 absurd-sqla cancel TASK_ID [--reason R]   absurd-sqla retry TASK_ID
 absurd-sqla cleanup --older-than 30d      absurd-sqla stats [--watch [SECONDS]]
+absurd-sqla dashboard [--host 127.0.0.1] [--port 7890] [--read-only]
 
 Every command takes ``--database-url`` (default: ``ABSURD_DATABASE_URL``) and
 ``--json``. ``worker`` takes an ``Absurd`` (handlers run in threads) or an
@@ -25,6 +26,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import ipaddress
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -106,6 +109,54 @@ def _worker(args: argparse.Namespace) -> int:
     else:
         app.start_worker(**options)
     return 0
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .dashboard import create_dashboard
+    except ImportError as exc:
+        raise _Failed(
+            f"the dashboard needs its extra ({exc.name} is missing): "
+            "pip install 'absurd_sqla[dashboard]'",
+            EXIT_USAGE,
+        ) from None
+    try:
+        app = Absurd(_url(args))
+    except (ArgumentError, ValueError) as exc:
+        raise _Failed(f"bad database URL: {exc}", EXIT_USAGE) from None
+    host = "[" + args.host + "]" if ":" in args.host else args.host
+    mode = " (read-only)" if args.read_only else ""
+    print(f"absurd-sqla dashboard{mode} on http://{host}:{args.port}/", flush=True)
+    if not _is_loopback(args.host):
+        print(
+            f"absurd-sqla: warning: {args.host} is not a loopback address: anyone who can "
+            "reach it can see and change your tasks; put an authenticating proxy in front",
+            file=sys.stderr,
+            flush=True,
+        )
+    # uvicorn re-raises the SIGTERM it stopped on once it is done; exit 0 then.
+    signal.signal(signal.SIGTERM, _exit_done)
+    try:
+        dashboard = create_dashboard(app, read_only=args.read_only)
+        uvicorn.run(dashboard, host=args.host, port=args.port, log_level="warning")
+    finally:
+        app.close()
+    return 0
+
+
+def _exit_done(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -246,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
         "queue and attempt (default: text)",
     )
     worker_cmd.set_defaults(handler=_worker)
+
+    dashboard_cmd = command("dashboard", "serve the web dashboard (the dashboard extra)")
+    dashboard_cmd.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    dashboard_cmd.add_argument("--port", type=int, default=7890, help="default: 7890")
+    dashboard_cmd.add_argument(
+        "--read-only", action="store_true", help="hide the retry and cancel actions"
+    )
+    dashboard_cmd.set_defaults(handler=_dashboard)
 
     class Commands:
         def add_parser(self, name: str, help: str) -> argparse.ArgumentParser:
