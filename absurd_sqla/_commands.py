@@ -183,7 +183,7 @@ def describe(task: TaskDetail) -> str:
         f"name      {task.task_name}",
         f"queue     {task.queue_name}",
         f"state     {task.state}",
-        f"attempts  {task.attempts} of {task.max_attempts or 'unlimited'}",
+        f"attempts  {task.attempts} (max {task.max_attempts or 'unlimited'})",
         f"created   {render.when(task.created_at)}",
         f"started   {render.when(task.started_at)}",
         f"finished  {render.when(task.finished_at)}",

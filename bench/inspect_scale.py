@@ -97,7 +97,35 @@ def main() -> None:
         print(f"{'call':34} {'ms (median of ' + str(args.repeat) + ')':>18}")
         for name, call in calls.items():
             print(f"{name:34} {timed(call, args.repeat):18.1f}")
+        dashboard_pages(app, some, args.repeat)
         app.close()
+
+
+def dashboard_pages(app: Absurd, task_id: Any, repeat: int) -> None:
+    """The dashboard's pages, through Starlette's test client (the extra)."""
+    try:
+        from starlette.testclient import TestClient
+
+        from absurd_sqla.dashboard import create_dashboard
+    except ImportError:
+        print("(dashboard pages skipped: pip install 'absurd_sqla[dashboard]')")
+        return
+    pages = {
+        "GET / (overview)": "/",
+        "GET /tasks": "/tasks",
+        "GET /tasks?state=failed": "/tasks?state=failed",
+        "GET /tasks?queue=emails&since=1h": "/tasks?queue=emails&since=1h",
+        "GET /tasks/<failed task>": f"/tasks/{task_id}",
+        "GET /queues": "/queues",
+        "GET /events": "/events",
+    }
+    with TestClient(create_dashboard(app)) as client:
+        for name, path in pages.items():
+
+            def get(path: str = path) -> None:
+                assert client.get(path).status_code == 200
+
+            print(f"{name:34} {timed(get, repeat):18.1f}")
 
 
 if __name__ == "__main__":
