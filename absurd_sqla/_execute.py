@@ -52,6 +52,11 @@ class Executor:
         self.db = db
         self.core = core
 
+    def seconds_until_due(self, queue: str) -> float | None:
+        """Seconds until the queue's next run that is not due yet comes due, if any."""
+        row = self.db.one_or_none(sqlw.seconds_until_due, {"queue": queue})
+        return None if row is None or row.seconds is None else float(row.seconds)
+
     def claim(
         self, queue: str, worker_id: str, claim_timeout: float, batch_size: int
     ) -> list[ClaimedRun]:

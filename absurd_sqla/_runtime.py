@@ -233,3 +233,16 @@ class RunningWorkers(Generic[W]):
             self._stop_pending = not self._running
             for worker in self._running:
                 worker.stop(now=now)
+
+
+DUE_SLACK = 0.002  # seconds past a known due time before the claim, for the clock's rounding
+
+
+def idle_timeout(poll_interval: float, until_sweep: float, until_due: float | None) -> float:
+    """How long an idle worker waits before claiming again: a poll interval at
+    most, never past the next sweep, and no later than the next run it knows
+    comes due (so a sleep or a retry delay ends on time, not a poll later)."""
+    timeout = min(poll_interval, max(until_sweep, 0.0))
+    if until_due is not None:
+        timeout = min(timeout, max(until_due, 0.0) + DUE_SLACK)
+    return timeout

@@ -172,6 +172,17 @@ claim = (
     .order_by(_candidates.c.available_at)
 )
 
+# Seconds until the queue's next run comes due (a sleep, a retry delay, a
+# run_after), or NULL: an idle worker wakes exactly then instead of a poll later.
+# One row from ix_runs_claim.
+seconds_until_due = select(
+    func.extract("epoch", func.min(runs.c.available_at) - NOW).label("seconds")
+).where(
+    runs.c.queue_name == q_param,
+    state_in(runs.c.state, *CLAIMABLE_STATES),
+    runs.c.available_at > NOW,
+)
+
 # Runs whose lease ran out; the caller fails each one as $ClaimTimeout.
 expired_runs = (
     select(

@@ -38,6 +38,7 @@ from ._runtime import (
     database_failed,
     database_label,
     database_succeeded,
+    idle_timeout,
     missing_queue_warning,
     nothing_to_restore,
     pool_warning,
@@ -282,6 +283,7 @@ class Worker:
                     continue
             with self._lock:
                 free = self.concurrency - len(self._slots)
+            due = None  # full: a slot that frees up wakes the loop
             if free > 0:
                 wanted = min(free, self.batch_size)
                 claimed = self._guard(
@@ -293,7 +295,11 @@ class Worker:
                     self._start(run)
                 if len(claimed) == wanted:
                     continue  # there may be more ready right now
-            self._idle(min(self.poll_interval, max(next_sweep - time.monotonic(), 0.0)))
+                # Idle with a free slot: wake when the next run comes due.
+                due = self._guard(self.executor.seconds_until_due, self.queue)
+                if due is _FAILED:
+                    continue
+            self._idle(idle_timeout(self.poll_interval, next_sweep - time.monotonic(), due))
 
     def _drain(self) -> bool:
         """Stage one of a shutdown: wait for in-flight handlers. False once none is left."""

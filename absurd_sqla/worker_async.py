@@ -44,6 +44,7 @@ from ._runtime import (
     database_failed,
     database_label,
     database_succeeded,
+    idle_timeout,
     missing_queue_warning,
     nothing_to_restore,
     pool_warning,
@@ -316,6 +317,7 @@ class AsyncWorker:
                     return
                 continue
             free = self.concurrency - len(self._slots)
+            due = None  # full: a slot that frees up wakes the loop
             if free > 0:
                 wanted = min(free, self.batch_size)
                 claimed = await self._guard(
@@ -327,7 +329,11 @@ class AsyncWorker:
                     self._start(run)
                 if len(claimed) == wanted:
                     continue  # there may be more ready right now
-            await self._idle(min(self.poll_interval, next_sweep - time.monotonic()))
+                # Idle with a free slot: wake when the next run comes due.
+                due = await self._guard(self.executor.seconds_until_due, self.queue)
+                if due is _FAILED:
+                    continue
+            await self._idle(idle_timeout(self.poll_interval, next_sweep - time.monotonic(), due))
 
     async def _idle(self, timeout: float) -> None:
         """Wait for a wake-up (NOTIFY, a free slot, a stop, a signal) or ``timeout`` seconds."""
