@@ -37,7 +37,7 @@ from typing import Any
 
 import hypothesis
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine, event, select, text
 from sqlalchemy.orm import Session
@@ -1104,6 +1104,17 @@ def test_ctx_emit_event(db: Db, event_name: Any, payload: Any) -> None:
     kwargs=spawn_kwargs(("task_name", "params", "headers", "queue", "max_attempts", "run_after")),
     step_name=st.none() | clean_names | hostile_names,
 )
+@example(  # two problems at once: a bad step name and a missing queue
+    kwargs={
+        "task_name": "0",
+        "params": None,
+        "headers": None,
+        "queue": "missing",
+        "max_attempts": None,
+        "run_after": None,
+    },
+    step_name="",
+)
 def test_ctx_spawn(db: Db, kwargs: dict[str, Any], step_name: Any) -> None:
     db.reset()
     app = db.app()
@@ -1116,12 +1127,17 @@ def test_ctx_spawn(db: Db, kwargs: dict[str, Any], step_name: Any) -> None:
         returns_value=False,
     )
     probe.run()
+    # With several problems (a bad step name and a missing queue, say) either
+    # refusal is right: each is raised before anything is written.
+    refusals: tuple[type[BaseException], ...] = ()
     refusal = spawn_refusal({"task_name": name, "params": params, **kwargs})
-    if refusal is None and not (step_name is None or name_ok(step_name)):
-        refusal = InvalidArgument
     if refusal is not None:
+        refusals += (refusal,)
+    if not (step_name is None or name_ok(step_name)):
+        refusals += (InvalidArgument,)
+    if refusals:
         assert [type(o) for o in probe.outcomes] == [Refused, Refused]
-        assert all(isinstance(o.error, refusal) for o in probe.outcomes)
+        assert all(isinstance(o.error, refusals) for o in probe.outcomes)
         return
     first, replayed = probe.outcomes
     assert isinstance(first, SpawnResult) and first.created
