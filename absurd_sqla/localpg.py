@@ -28,7 +28,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +75,34 @@ def _server_user() -> pwd.struct_passwd | None:
 SHUTDOWN_MODES = ("smart", "fast", "immediate")
 
 
+# A throwaway server: no fsync, so a crash of the machine may lose data. A crash
+# of the server alone (restart(mode="immediate")) loses no commit:
+# synchronous_commit stays on, so each COMMIT has written its WAL to the
+# operating system before it returns (a write(2), without the fsync).
+DEFAULT_SETTINGS = {
+    "listen_addresses": "127.0.0.1",
+    "fsync": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
+
+
 class LocalPostgres:
     """One private PostgreSQL cluster in a temporary directory."""
 
-    def __init__(self, *, bindir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        bindir: Path | None = None,
+        port: int | None = None,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
+        """``settings``: server settings (``-c name=value``) over the defaults,
+        e.g. ``{"fsync": "on", "full_page_writes": "on"}`` for PostgreSQL's own
+        durability (benchmarks), or ``shared_preload_libraries``."""
         self.bindir = bindir or find_bindir()
         self.port = port or _free_port()
+        self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
         self._user = _server_user()
         self._base: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -162,19 +184,7 @@ class LocalPostgres:
                     str(self.port),
                     "-k",
                     str(base / "run"),
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    # A throwaway server: no fsync, so a crash of the machine may
-                    # lose data. A crash of the server alone (restart(mode=
-                    # "immediate")) loses no commit: synchronous_commit stays on,
-                    # so each COMMIT has written its WAL to the operating system
-                    # before it returns (a write(2), without the fsync).
-                    "-c",
-                    "fsync=off",
-                    "-c",
-                    "full_page_writes=off",
-                    "-c",
-                    "max_connections=200",
+                    *(arg for item in self.settings.items() for arg in ("-c", "=".join(item))),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

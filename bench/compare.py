@@ -98,45 +98,6 @@ T = TypeVar("T")
 # -- the server ----------------------------------------------------------------
 
 
-class DurableLocalPostgres(LocalPostgres):
-    """``LocalPostgres`` without its ``fsync=off`` / ``full_page_writes=off``.
-
-    localpg has no switch for its durability settings (they are command-line
-    ``-c`` options, which ``ALTER SYSTEM`` cannot override), so this launches
-    the postmaster the same way minus those two: PostgreSQL's defaults. It can
-    also preload libraries (pg_stat_statements, to count statements at the
-    server)."""
-
-    def __init__(self, preload: list[str]) -> None:
-        super().__init__()
-        self.preload = preload
-
-    def _launch(self) -> None:
-        preload = ["-c", f"shared_preload_libraries={','.join(self.preload)}"]
-        base = self._started_base()
-        with open(base / "server.log", "ab") as log:
-            self._process = subprocess.Popen(
-                [
-                    str(self.bindir / "postgres"),
-                    "-D",
-                    str(base / "data"),
-                    "-p",
-                    str(self.port),
-                    "-k",
-                    str(base / "run"),
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "max_connections=200",
-                    *(preload if self.preload else []),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                **self._spawn_args(),
-            )
-        self._wait_ready()
-
-
 @contextlib.contextmanager
 def server(url: str | None, pgss: bool) -> Iterator[tuple[str, Path | None]]:
     """(URL of the ``postgres`` database, the bindir if we started the server)."""
@@ -145,7 +106,11 @@ def server(url: str | None, pgss: bool) -> Iterator[tuple[str, Path | None]]:
         return
     bindir = find_bindir()
     found = (bindir.parent / "lib" / "pg_stat_statements.so").exists()
-    local = DurableLocalPostgres(["pg_stat_statements"] if pgss and found else [])
+    # PostgreSQL's own durability, not localpg's throwaway fsync=off.
+    settings = {"fsync": "on", "full_page_writes": "on"}
+    if pgss and found:
+        settings["shared_preload_libraries"] = "pg_stat_statements"
+    local = LocalPostgres(settings=settings)
     try:
         yield local.start(), local.bindir
     finally:

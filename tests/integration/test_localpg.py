@@ -63,3 +63,16 @@ def test_restart_refuses_an_unknown_mode_and_a_stopped_server(local: LocalPostgr
         stopped.restart()
     with pytest.raises(RuntimeError, match="not started"):
         _ = stopped.log_path
+
+
+def test_settings_override_the_throwaway_defaults(local: LocalPostgres) -> None:
+    with psycopg.connect(local.url) as conn:  # the defaults: a throwaway server
+        assert conn.execute("SHOW fsync").fetchone() == ("off",)
+    durable = LocalPostgres(settings={"fsync": "on", "full_page_writes": "on"})
+    try:
+        with psycopg.connect(durable.start()) as conn:
+            assert conn.execute("SHOW fsync").fetchone() == ("on",)
+            assert conn.execute("SHOW full_page_writes").fetchone() == ("on",)
+            assert conn.execute("SHOW max_connections").fetchone() == ("200",)  # kept
+    finally:
+        durable.stop()
