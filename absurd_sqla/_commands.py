@@ -26,9 +26,10 @@ class UsageError(Exception):
     """Bad input the command line caught: exit code 2."""
 
 
-def add_commands(commands: Any) -> None:
-    """Register the operating commands on ``argparse`` subparsers."""
-    queues = commands.add_parser("queues", help="list queues with task counts; create, drop")
+def add_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """Register the operating commands; ``command(name, help)`` makes each
+    one's parser (the command line adds its common options)."""
+    queues = command("queues", "list queues with task counts; create, drop")
     queues.add_argument("action", nargs="?", choices=["list", "create", "drop"], default="list")
     queues.add_argument("name", nargs="?", help="the queue to create or drop")
     queues.add_argument(
@@ -36,7 +37,7 @@ def add_commands(commands: Any) -> None:
     )
     queues.set_defaults(run=queues_command)
 
-    tasks = commands.add_parser("tasks", help="list tasks, newest first")
+    tasks = command("tasks", "list tasks, newest first")
     tasks.add_argument("--queue")
     tasks.add_argument("--state", choices=TASK_STATES)
     tasks.add_argument("--name", help="task name")
@@ -45,11 +46,11 @@ def add_commands(commands: Any) -> None:
     tasks.add_argument("--after", help="the next_cursor of the previous page")
     tasks.set_defaults(run=tasks_command)
 
-    show = commands.add_parser("show", help="one task: runs, failures, checkpoints, wait")
+    show = command("show", "one task: runs, failures, checkpoints, wait")
     show.add_argument("task_id")
     show.set_defaults(run=show_command)
 
-    spawn = commands.add_parser("spawn", help="spawn a task")
+    spawn = command("spawn", "spawn a task")
     spawn.add_argument("task_name")
     spawn.add_argument("--params", default="null", help="JSON (default: null)")
     spawn.add_argument("--queue")
@@ -59,30 +60,30 @@ def add_commands(commands: Any) -> None:
     spawn.add_argument("--run-after", help="a duration from now (90s, 2h)")
     spawn.set_defaults(run=spawn_command)
 
-    emit = commands.add_parser("emit", help="emit an event")
+    emit = command("emit", "emit an event")
     emit.add_argument("event_name")
     emit.add_argument("--payload", default="null", help="JSON (default: null)")
     emit.add_argument("--queue")
     emit.set_defaults(run=emit_command)
 
-    cancel = commands.add_parser("cancel", help="cancel a task")
+    cancel = command("cancel", "cancel a task")
     cancel.add_argument("task_id")
     cancel.add_argument("--reason")
     cancel.set_defaults(run=cancel_command)
 
-    retry = commands.add_parser("retry", help="run a failed task again")
+    retry = command("retry", "run a failed task again")
     retry.add_argument("task_id")
     retry.add_argument("--max-attempts", type=int)
     retry.add_argument("--spawn-new", action="store_true", help="as a new task")
     retry.set_defaults(run=retry_command)
 
-    cleanup = commands.add_parser("cleanup", help="delete old finished tasks and events")
+    cleanup = command("cleanup", "delete old finished tasks and events")
     cleanup.add_argument("--older-than", default="7d", help="a duration (default: 7d)")
     cleanup.add_argument("--queue", help="default: every queue")
     cleanup.add_argument("--batch", type=int, default=1000, help="rows per statement")
     cleanup.set_defaults(run=cleanup_command)
 
-    stats = commands.add_parser("stats", help="per queue: states, oldest due, recent finishes")
+    stats = command("stats", "per queue: states, oldest due, recent finishes")
     stats.add_argument("--queue")
     stats.add_argument(
         "--watch", nargs="?", type=float, const=2.0, help="refresh every N seconds (default 2)"

@@ -308,13 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dashboard_cmd.set_defaults(handler=_dashboard)
 
-    class Commands:
-        def add_parser(self, name: str, help: str) -> argparse.ArgumentParser:
-            sub = command(name, help)
-            sub.set_defaults(handler=_operate)
-            return sub
+    def operating(name: str, help: str) -> argparse.ArgumentParser:
+        sub = command(name, help)
+        sub.set_defaults(handler=_operate)
+        return sub
 
-    _commands.add_commands(Commands())
+    _commands.add_commands(operating)
     return parser
 
 
