@@ -11,6 +11,11 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -332,3 +337,50 @@ async def async_worker_task(app: AsyncAbsurd, **kwargs: Any) -> AsyncIterator[as
     finally:
         app.stop_worker()
         await asyncio.wait_for(task, DEADLINE)
+
+
+# -- the dashboard served by the command line -------------------------------------
+
+
+@dataclasses.dataclass
+class Served:
+    """``absurd-sqla dashboard`` in a subprocess: its URL, and once stopped its
+    exit code and everything it printed."""
+
+    url: str
+    returncode: int | None = None
+    output: str = ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served_dashboard(database_url: str) -> Iterator[Served]:
+    """``absurd-sqla dashboard`` on a free port, ready (it accepts connections);
+    stopped with SIGTERM on exit."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "absurd_sqla", "dashboard", "--port", str(port)],
+        env={**os.environ, "ABSURD_DATABASE_URL": database_url},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    served = Served(f"http://127.0.0.1:{port}")
+    try:
+
+        def listening() -> bool:
+            assert server.poll() is None, server.communicate()[0]
+            with socket.socket() as sock:
+                return sock.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, "the dashboard listens")
+        yield served
+    finally:
+        server.send_signal(signal.SIGTERM)
+        served.output, _ = server.communicate(timeout=30)
+        served.returncode = server.returncode

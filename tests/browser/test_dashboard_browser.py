@@ -5,11 +5,6 @@ view is saved (see ``conftest.screenshots``)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,39 +12,15 @@ from typing import Any
 import pytest
 
 from absurd_sqla import Absurd, TaskContext
-from tests.support import DEADLINE, wait_until, worker_thread
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support import DEADLINE, served_dashboard, wait_until, worker_thread
 
 
 @pytest.fixture
 def dashboard(database_url: str) -> Iterator[str]:
     """``absurd-sqla dashboard`` on a free loopback port; its base URL."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "absurd_sqla", "dashboard", "--port", str(port)],
-        env={**os.environ, "ABSURD_DATABASE_URL": database_url},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-
-        def answers() -> bool:
-            assert server.poll() is None, server.communicate()[0]
-            with socket.socket() as sock:
-                return sock.connect_ex(("127.0.0.1", port)) == 0
-
-        wait_until(answers, "the dashboard listens")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        output, _ = server.communicate(timeout=30)
-    assert server.returncode == 0, output
+    with served_dashboard(database_url) as served:
+        yield served.url
+    assert served.returncode == 0, served.output
 
 
 def until(driver: Any, condition: Callable[[Any], Any], message: str) -> Any:

@@ -6,13 +6,7 @@ actions and their guards (CSRF, read-only, authorize), bad input, an
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +22,7 @@ from absurd_sqla import Absurd, TaskContext
 from absurd_sqla.dashboard import create_dashboard
 from absurd_sqla.dashboard.csrf import COOKIE
 from absurd_sqla.testing import run_until_idle
-from tests.support import DEADLINE, async_app_for, run_states
+from tests.support import DEADLINE, async_app_for, run_states, served_dashboard
 
 BASE = "http://testserver"
 
@@ -470,39 +464,13 @@ def test_an_async_client_behind_the_dashboard(database_url: str, world: World) -
 # -- the command ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_the_cli_serves_the_dashboard_on_loopback(database_url: str, app: Absurd) -> None:
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "absurd_sqla.cli", "dashboard", "--port", str(port)],
-        env={**os.environ, "ABSURD_DATABASE_URL": database_url},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + DEADLINE
-        page = None
-        while page is None:
-            assert server.poll() is None, server.communicate()[0]
-            try:
-                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # polling the port, not waiting for a condition to happen
+    with served_dashboard(database_url) as served:
+        page = httpx.get(f"{served.url}/", timeout=DEADLINE)
         assert page.status_code == 200 and 'id="queue-default"' in page.text
-    finally:
-        server.send_signal(signal.SIGTERM)
-        output, _ = server.communicate(timeout=30)
-    assert server.returncode == 0, output
-    assert "http://127.0.0.1:" in output.splitlines()[0]
-    assert "warning" not in output
+    assert served.returncode == 0, served.output
+    assert "http://127.0.0.1:" in served.output.splitlines()[0]
+    assert "warning" not in served.output
 
 
 def test_the_cli_warns_on_a_public_address() -> None:
