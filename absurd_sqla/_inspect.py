@@ -287,6 +287,7 @@ def _waiting_columns() -> list[ColumnElement[Any]]:
         _wait.c.event_name.label("wait_event"),
         _wait.c.step_name.label("wait_step"),
         _wait.c.timeout_at.label("wait_timeout"),
+        NOW.label("now"),  # is a pending run due yet?
     ]
 
 
@@ -501,7 +502,7 @@ def finishes_per_minute(params: Mapping[str, Any]) -> Select[Any]:
 # -- rows -> results -----------------------------------------------------------
 
 
-def waiting_for(row: Any, now: datetime | None = None) -> WaitInfo | None:
+def waiting_for(row: Any) -> WaitInfo | None:
     """What a task row (with the ``_waiting_columns``) waits for, if anything."""
     if row.state in TERMINAL_STATES or row.run_state is None:
         return None
@@ -513,12 +514,12 @@ def waiting_for(row: Any, now: datetime | None = None) -> WaitInfo | None:
     if row.run_state == "sleeping":
         return WaitInfo("sleep", row.run_available_at)
     due = row.run_available_at
-    if row.run_state == "pending" and due is not None and (now is None or due > now):
+    if row.run_state == "pending" and due is not None and due > row.now:
         return WaitInfo("scheduled", due)
     return None
 
 
-def _task_fields(row: Any, now: datetime | None) -> dict[str, Any]:
+def _task_fields(row: Any) -> dict[str, Any]:
     """What ``TaskSummary`` and ``TaskDetail`` share, from a task row."""
     return {
         "task_id": row.task_id,
@@ -530,16 +531,16 @@ def _task_fields(row: Any, now: datetime | None) -> dict[str, Any]:
         "created_at": created_at(row.task_id),
         "started_at": row.first_started_at,
         "finished_at": row.finished_at,
-        "waiting_for": waiting_for(row, now),
+        "waiting_for": waiting_for(row),
     }
 
 
-def summary(row: Any, now: datetime | None = None) -> TaskSummary:
-    return TaskSummary(**_task_fields(row, now))
+def summary(row: Any) -> TaskSummary:
+    return TaskSummary(**_task_fields(row))
 
 
-def page(rows: Sequence[Any], params: Mapping[str, Any], now: datetime) -> TaskPage:
-    found = [summary(row, now) for row in rows[: params["limit"] - 1]]
+def page(rows: Sequence[Any], params: Mapping[str, Any]) -> TaskPage:
+    found = [summary(row) for row in rows[: params["limit"] - 1]]
     more = len(rows) >= params["limit"]
     return TaskPage(found, found[-1].task_id if more and found else None)
 
@@ -549,11 +550,10 @@ def detail(
     run_rows: Sequence[Any],
     checkpoint_rows: Sequence[Any],
     child_rows: Sequence[Any],
-    now: datetime,
 ) -> TaskDetail:
     parent = (row.headers or {}).get(PARENT_HEADER)
     return TaskDetail(
-        **_task_fields(row, now),
+        **_task_fields(row),
         enqueued_at=row.enqueued_at,
         params=row.params,
         headers=row.headers,

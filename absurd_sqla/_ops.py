@@ -116,9 +116,8 @@ def _bound(params: Mapping[str, Any]) -> dict[str, Any]:
 
 def list_tasks(conn: Connection, params: Mapping[str, Any]) -> _inspect.TaskPage:
     """A page of ``_inspect.list_params``, newest first."""
-    now = conn.execute(_inspect.db_now).scalar_one()
     rows = conn.execute(_inspect.list_tasks(params), _bound(params)).all()
-    return _inspect.page(rows, params, now)
+    return _inspect.page(rows, params)
 
 
 def get_task(conn: Connection, task_id: uuid.UUID) -> _inspect.TaskDetail:
@@ -134,7 +133,6 @@ def get_task(conn: Connection, task_id: uuid.UUID) -> _inspect.TaskDetail:
         conn.execute(_inspect.task_runs, params).all(),
         conn.execute(_inspect.task_checkpoints, params).all(),
         conn.execute(_inspect.task_children, params).all(),
-        conn.execute(_inspect.db_now).scalar_one(),
     )
 
 

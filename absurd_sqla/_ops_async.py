@@ -123,9 +123,8 @@ def _bound(params: Mapping[str, Any]) -> dict[str, Any]:
 
 async def list_tasks(conn: AsyncConnection, params: Mapping[str, Any]) -> _inspect.TaskPage:
     """A page of ``_inspect.list_params``, newest first."""
-    now = (await conn.execute(_inspect.db_now)).scalar_one()
     rows = (await conn.execute(_inspect.list_tasks(params), _bound(params))).all()
-    return _inspect.page(rows, params, now)
+    return _inspect.page(rows, params)
 
 
 async def get_task(conn: AsyncConnection, task_id: uuid.UUID) -> _inspect.TaskDetail:
@@ -141,7 +140,6 @@ async def get_task(conn: AsyncConnection, task_id: uuid.UUID) -> _inspect.TaskDe
         (await conn.execute(_inspect.task_runs, params)).all(),
         (await conn.execute(_inspect.task_checkpoints, params)).all(),
         (await conn.execute(_inspect.task_children, params)).all(),
-        (await conn.execute(_inspect.db_now)).scalar_one(),
     )
 
 
