@@ -116,6 +116,20 @@ class SpawnBatch:
         }
 
     @property
+    def one_params(self) -> dict[str, Any]:
+        """The parameters of ``spawn_one`` for a batch of one row."""
+        (row,) = self.rows
+        return {
+            **row,
+            "queue": self.queue,
+            "channel": channel_for(self.queue),
+            **{
+                name: None if row[name] is None else json.dumps(row[name], separators=(",", ":"))
+                for name in ("params", "headers", "retry_strategy", "cancellation")
+            },
+        }
+
+    @property
     def keys(self) -> list[str]:
         return [row["idempotency_key"] for row in self.rows if row["idempotency_key"]]
 

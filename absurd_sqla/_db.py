@@ -24,11 +24,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from time import sleep
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row
+import psycopg
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import Executable
 
 from . import _sql_worker as sqlw
+from . import _wire
 from ._engine import Bind, engine_and_sessions
 from ._retry import reconnect_delay
 from .errors import InvalidArgument
@@ -76,21 +78,20 @@ class Database:
 
     def one(
         self, statement: Executable, params: Mapping[str, Any], *, retry: bool = False
-    ) -> Row[Any]:
+    ) -> _wire.Record:
         """Run one self-contained statement in autocommit; return its single row.
 
         ``retry=True`` for a run's fenced write: see :meth:`retrying`."""
         if retry:
             return self.retrying(statement, params)
-        with self._autocommit.connect() as conn:
-            return conn.execute(statement, params).one()
+        return _wire.exactly_one(self.rows(statement, params))
 
     def retrying(
         self,
         statement: Executable,
         params: Mapping[str, Any],
-        attempt: Callable[[], Row[Any]] | None = None,
-    ) -> Row[Any]:
+        attempt: Callable[[], _wire.Record] | None = None,
+    ) -> _wire.Record:
         """A run's write of ``statement``, tried again on a lost connection.
 
         ``attempt`` makes the write on a connection of its own (default: the
@@ -108,9 +109,8 @@ class Database:
         """
         if attempt is None:
 
-            def attempt() -> Row[Any]:
-                with self._autocommit.connect() as conn:
-                    return conn.execute(statement, params).one()
+            def attempt() -> _wire.Record:
+                return _wire.exactly_one(self.rows(statement, params))
 
         started = time.monotonic()
         retries = 0
@@ -138,20 +138,74 @@ class Database:
                 )
                 sleep(delay)
 
-    def _landed(self, write: Executable, params: Mapping[str, Any]) -> Row[Any] | None:
+    def _landed(self, write: Executable, params: Mapping[str, Any]) -> _wire.Record | None:
         landed = sqlw.landed_statement(write)
         if landed is None:
             return None
-        with self._autocommit.connect() as conn:
-            return conn.execute(landed, params).one_or_none()
+        return _wire.one_or_none(self.rows(landed, params))
 
-    def one_or_none(self, statement: Executable, params: Mapping[str, Any]) -> Row[Any] | None:
-        with self._autocommit.connect() as conn:
-            return conn.execute(statement, params).one_or_none()
+    def one_or_none(self, statement: Executable, params: Mapping[str, Any]) -> _wire.Record | None:
+        return _wire.one_or_none(self.rows(statement, params))
 
-    def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Row[Any]]:
-        with self._autocommit.connect() as conn:
-            return conn.execute(statement, params).all()
+    def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[_wire.Record]:
+        return self.rows(statement, params)
+
+    def rows(
+        self,
+        statement: Executable,
+        params: Mapping[str, Any],
+        conn: Connection | None = None,
+    ) -> list[Any]:
+        """Every row of one statement: on ``conn`` (in its transaction), or on
+        its own in autocommit.
+
+        Straight on psycopg when ``_wire`` can take the statement (compiled
+        once, prepared on the server, and in autocommit no isolation switch
+        through SQLAlchemy); otherwise through SQLAlchemy."""
+        prepared = _wire.prepared(statement, self.engine if conn is None else conn)
+        if prepared is None:
+            if conn is not None:
+                return list(conn.execute(statement, params).all())
+            with self._autocommit.connect() as own:
+                return list(own.execute(statement, params).all())
+        bound = prepared.params(params)
+        if conn is not None:
+            return self._rows_on(conn, prepared, bound)
+        raw = self.engine.raw_connection()
+        driver: Any = raw.driver_connection
+        try:
+            driver.set_autocommit(True)
+            cursor = driver.execute(prepared.sql, bound, prepare=True)
+            fetched = cursor.fetchall()
+            driver.set_autocommit(False)
+        except psycopg.Error as error:
+            lost = driver.broken or driver.closed
+            if not lost:
+                try:
+                    driver.set_autocommit(False)
+                except psycopg.Error:
+                    lost = True
+            _wire.release(raw, invalidate=lost)
+            raise _wire.wrap(error, prepared, bound, lost) from error
+        except BaseException:
+            # Cancelled or interrupted mid-statement: the connection's state is unknown.
+            _wire.release(raw, invalidate=True)
+            raise
+        _wire.release(raw)
+        return prepared.rows(cursor, fetched)
+
+    @staticmethod
+    def _rows_on(conn: Connection, prepared: _wire.Prepared, bound: dict[str, Any]) -> list[Any]:
+        if not conn.in_transaction():
+            # What SQLAlchemy's autobegin would do, so that the caller's
+            # commit() or rollback() reaches what is sent here.
+            conn.begin()
+        driver = _wire.driver(conn)
+        try:
+            cursor = driver.execute(prepared.sql, bound, prepare=True)
+            return prepared.rows(cursor, cursor.fetchall())
+        except psycopg.Error as error:
+            raise _wire.wrap(error, prepared, bound, driver.broken or driver.closed) from error
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:

@@ -22,11 +22,12 @@ from asyncio import sleep as async_sleep
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import Row
+import psycopg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.sql import Executable
 
 from . import _sql_worker as sqlw
+from . import _wire
 from ._engine import AsyncBind, async_engine_and_sessions
 from ._retry import reconnect_delay
 from .errors import InvalidArgument
@@ -76,21 +77,20 @@ class AsyncDatabase:
 
     async def one(
         self, statement: Executable, params: Mapping[str, Any], *, retry: bool = False
-    ) -> Row[Any]:
+    ) -> _wire.Record:
         """Run one self-contained statement in autocommit; return its single row.
 
         ``retry=True`` for a run's fenced write: see :meth:`retrying`."""
         if retry:
             return await self.retrying(statement, params)
-        async with self._autocommit.connect() as conn:
-            return (await conn.execute(statement, params)).one()
+        return _wire.exactly_one(await self.rows(statement, params))
 
     async def retrying(
         self,
         statement: Executable,
         params: Mapping[str, Any],
-        attempt: Callable[[], Awaitable[Row[Any]]] | None = None,
-    ) -> Row[Any]:
+        attempt: Callable[[], Awaitable[_wire.Record]] | None = None,
+    ) -> _wire.Record:
         """A run's write of ``statement``, tried again on a lost connection.
 
         ``attempt`` makes the write on a connection of its own (default: the
@@ -108,9 +108,8 @@ class AsyncDatabase:
         """
         if attempt is None:
 
-            async def attempt() -> Row[Any]:
-                async with self._autocommit.connect() as conn:
-                    return (await conn.execute(statement, params)).one()
+            async def attempt() -> _wire.Record:
+                return _wire.exactly_one(await self.rows(statement, params))
 
         started = time.monotonic()
         retries = 0
@@ -138,22 +137,78 @@ class AsyncDatabase:
                 )
                 await async_sleep(delay)
 
-    async def _landed(self, write: Executable, params: Mapping[str, Any]) -> Row[Any] | None:
+    async def _landed(self, write: Executable, params: Mapping[str, Any]) -> _wire.Record | None:
         landed = sqlw.landed_statement(write)
         if landed is None:
             return None
-        async with self._autocommit.connect() as conn:
-            return (await conn.execute(landed, params)).one_or_none()
+        return _wire.one_or_none(await self.rows(landed, params))
 
     async def one_or_none(
         self, statement: Executable, params: Mapping[str, Any]
-    ) -> Row[Any] | None:
-        async with self._autocommit.connect() as conn:
-            return (await conn.execute(statement, params)).one_or_none()
+    ) -> _wire.Record | None:
+        return _wire.one_or_none(await self.rows(statement, params))
 
-    async def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Row[Any]]:
-        async with self._autocommit.connect() as conn:
-            return (await conn.execute(statement, params)).all()
+    async def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[_wire.Record]:
+        return await self.rows(statement, params)
+
+    async def rows(
+        self,
+        statement: Executable,
+        params: Mapping[str, Any],
+        conn: AsyncConnection | None = None,
+    ) -> list[Any]:
+        """Every row of one statement: on ``conn`` (in its transaction), or on
+        its own in autocommit.
+
+        Straight on psycopg when ``_wire`` can take the statement (compiled
+        once, prepared on the server, and in autocommit no isolation switch
+        through SQLAlchemy); otherwise through SQLAlchemy."""
+        prepared = _wire.prepared(statement, self.engine if conn is None else conn)
+        if prepared is None:
+            if conn is not None:
+                return list((await conn.execute(statement, params)).all())
+            async with self._autocommit.connect() as own:
+                return list((await own.execute(statement, params)).all())
+        bound = prepared.params(params)
+        if conn is not None:
+            return await self._rows_on(conn, prepared, bound)
+        raw = await self.engine.raw_connection()
+        driver: Any = raw.driver_connection
+        try:
+            await driver.set_autocommit(True)
+            cursor = await driver.execute(prepared.sql, bound, prepare=True)
+            fetched = await cursor.fetchall()
+            await driver.set_autocommit(False)
+        except psycopg.Error as error:
+            lost = driver.broken or driver.closed
+            if not lost:
+                try:
+                    await driver.set_autocommit(False)
+                except psycopg.Error:
+                    lost = True
+            await _wire.async_release(raw, invalidate=lost)
+            raise _wire.wrap(error, prepared, bound, lost) from error
+        except BaseException:
+            # Cancelled or interrupted mid-statement: the connection's state is unknown.
+            await _wire.async_release(raw, invalidate=True)
+            raise
+        await _wire.async_release(raw)
+        return prepared.rows(cursor, fetched)
+
+    @staticmethod
+    async def _rows_on(
+        conn: AsyncConnection, prepared: _wire.Prepared, bound: dict[str, Any]
+    ) -> list[Any]:
+        if not conn.in_transaction():
+            # What SQLAlchemy's autobegin would do, so that the caller's
+            # commit() or rollback() reaches what is sent here.
+            await conn.begin()
+        driver = await _wire.async_driver(conn)
+        try:
+            cursor = await driver.execute(prepared.sql, bound, prepare=True)
+            return prepared.rows(cursor, await cursor.fetchall())
+        except psycopg.Error as error:
+            raise _wire.wrap(error, prepared, bound, driver.broken or driver.closed) from error
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:

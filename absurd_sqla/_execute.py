@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import Row
 from sqlalchemy.sql import Executable
 
 from . import _children, _ops
@@ -39,6 +38,7 @@ from ._run import (
     failure_reason,
 )
 from ._runtime import summary
+from ._wire import Record
 from .context import TaskContext
 from .errors import CancelledTask, LeaseLost, NotSerializable, SuspendTask, TaskSignal
 
@@ -77,7 +77,7 @@ class Executor:
 
     def sweep_expired(self, queue: str) -> int:
         """Fail runs whose lease expired as ``$ClaimTimeout`` (retrying per their task)."""
-        failed: list[tuple[Any, Row[Any]]] = []
+        failed: list[tuple[Any, Record]] = []
         with self.db.transaction() as conn:
             expired = conn.execute(sqlw.expired_runs, {"queue": queue}).all()
             for row in expired:
@@ -271,20 +271,22 @@ class Executor:
         run: ClaimedRun,
         statement: Executable,
         params: Mapping[str, Any],
-        finished: Callable[[Row[Any]], bool],
-    ) -> Row[Any]:
+        finished: Callable[[Record], bool],
+    ) -> Record:
         """Write a run's outcome; a child that ``finished`` also wakes its parent, in
         the same transaction (otherwise the single statement runs in autocommit).
         Retried on a lost connection (``Database.retrying``)."""
 
-        def attempt() -> Row[Any]:
-            with self.db.joined(None, atomic=_children.is_child(run.headers)) as conn:
+        def attempt() -> Record:
+            with self.db.transaction() as conn:
                 row = conn.execute(statement, params).one()
                 if finished(row):
                     _ops.announce_done(conn, run.task_id, run.queue_name, run.headers)
             return row
 
         with about(run):  # records of the retries name the run
+            if not _children.is_child(run.headers):
+                return self.db.retrying(statement, params)
             return self.db.retrying(statement, params, attempt)
 
     def _fail(self, state: RunState, exc: BaseException) -> None:
@@ -318,7 +320,7 @@ def _log_failure(
     max_attempts: int | None,
     extra: Mapping[str, Any],
     error: str,
-    row: Row[Any],
+    row: Record,
     exc: BaseException | None = None,
 ) -> None:
     """Log a failure ``fail_run`` recorded (``row``): a retry at WARNING, with the

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sqlalchemy import Row
 from sqlalchemy.sql import Executable
 
 from . import _children, _ops_async
@@ -37,6 +36,7 @@ from ._run import (
     failure_reason,
 )
 from ._runtime import summary
+from ._wire import Record
 from .context_async import AsyncTaskContext
 from .errors import CancelledTask, LeaseLost, NotSerializable, SuspendTask, TaskSignal
 
@@ -75,7 +75,7 @@ class AsyncExecutor:
 
     async def sweep_expired(self, queue: str) -> int:
         """Fail runs whose lease expired as ``$ClaimTimeout`` (retrying per their task)."""
-        failed: list[tuple[Any, Row[Any]]] = []
+        failed: list[tuple[Any, Record]] = []
         async with self.db.transaction() as conn:
             expired = (await conn.execute(sqlw.expired_runs, {"queue": queue})).all()
             for row in expired:
@@ -273,20 +273,22 @@ class AsyncExecutor:
         run: ClaimedRun,
         statement: Executable,
         params: Mapping[str, Any],
-        finished: Callable[[Row[Any]], bool],
-    ) -> Row[Any]:
+        finished: Callable[[Record], bool],
+    ) -> Record:
         """Write a run's outcome; a child that ``finished`` also wakes its parent, in
         the same transaction (otherwise the single statement runs in autocommit).
         Retried on a lost connection (``Database.retrying``)."""
 
-        async def attempt() -> Row[Any]:
-            async with self.db.joined(None, atomic=_children.is_child(run.headers)) as conn:
+        async def attempt() -> Record:
+            async with self.db.transaction() as conn:
                 row = (await conn.execute(statement, params)).one()
                 if finished(row):
                     await _ops_async.announce_done(conn, run.task_id, run.queue_name, run.headers)
             return row
 
         with about(run):  # records of the retries name the run
+            if not _children.is_child(run.headers):
+                return await self.db.retrying(statement, params)
             return await self.db.retrying(statement, params, attempt)
 
     async def _fail(self, state: RunState, exc: BaseException) -> None:
@@ -320,7 +322,7 @@ def _log_failure(
     max_attempts: int | None,
     extra: Mapping[str, Any],
     error: str,
-    row: Row[Any],
+    row: Record,
     exc: BaseException | None = None,
 ) -> None:
     """Log a failure ``fail_run`` recorded (``row``): a retry at WARNING, with the

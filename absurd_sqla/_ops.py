@@ -17,6 +17,7 @@ from sqlalchemy import Connection, text
 from . import _children, _inspect, _sql
 from ._app import AppCore, SpawnBatch
 from ._core import SpawnResult, TaskResultSnapshot
+from ._db import Database
 from .errors import QueueNotFound, TaskNotFound, TaskStateError
 from .models import TERMINAL_STATES
 
@@ -38,6 +39,19 @@ def spawn_many(conn: Connection, core: AppCore, batches: Sequence[SpawnBatch]) -
             ).all()
         results += core.spawn_results(batch, inserted, existing)
     return [result for _, result in sorted(results, key=lambda pair: pair[0])]
+
+
+def spawn_one(
+    db: Database, conn: Connection | None, core: AppCore, batch: SpawnBatch
+) -> SpawnResult:
+    """Spawn a batch of one task: one statement on ``conn`` (or on its own, in
+    autocommit), and a key lookup only when its idempotency key was taken."""
+    inserted = db.rows(_sql.spawn_one, batch.one_params, conn)
+    existing: list[Any] = []
+    if not inserted and batch.keys:
+        params = {"queue": batch.queue, "key": batch.keys[0]}
+        existing = db.rows(_sql.existing_by_key, params, conn)
+    return core.spawn_results(batch, inserted, existing)[0][1]
 
 
 def emit(conn: Connection, params: Mapping[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from . import _children, _inspect, _sql
 from ._app import AppCore, SpawnBatch
 from ._core import SpawnResult, TaskResultSnapshot
+from ._db_async import AsyncDatabase
 from .errors import QueueNotFound, TaskNotFound, TaskStateError
 from .models import TERMINAL_STATES
 
@@ -41,6 +42,19 @@ async def spawn_many(
             ).all()
         results += core.spawn_results(batch, inserted, existing)
     return [result for _, result in sorted(results, key=lambda pair: pair[0])]
+
+
+async def spawn_one(
+    db: AsyncDatabase, conn: AsyncConnection | None, core: AppCore, batch: SpawnBatch
+) -> SpawnResult:
+    """Spawn a batch of one task: one statement on ``conn`` (or on its own, in
+    autocommit), and a key lookup only when its idempotency key was taken."""
+    inserted = await db.rows(_sql.spawn_one, batch.one_params, conn)
+    existing: list[Any] = []
+    if not inserted and batch.keys:
+        params = {"queue": batch.queue, "key": batch.keys[0]}
+        existing = await db.rows(_sql.existing_by_key, params, conn)
+    return core.spawn_results(batch, inserted, existing)[0][1]
 
 
 async def emit(conn: AsyncConnection, params: Mapping[str, Any]) -> bool:

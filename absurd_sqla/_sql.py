@@ -184,70 +184,96 @@ def _due_at(items: CTE) -> ColumnElement[datetime]:
 
 _queue_row = select(queues.c.queue_name).where(queues.c.queue_name == q_param).cte("queue_row")
 
-_inserted_tasks = (
-    pg_insert(tasks)
-    .from_select(
-        [
-            "task_id",
-            "queue_name",
-            "task_name",
-            "params",
-            "headers",
-            "retry_strategy",
-            "max_attempts",
-            "cancellation",
-            "idempotency_key",
-            "state",
-            "attempts",
-            "last_run_id",
-            "enqueued_at",
-        ],
-        select(
-            _items.c.task_id,
-            _queue_row.c.queue_name,
-            _items.c.task_name,
-            _items.c.params,
-            _items.c.headers,
-            _items.c.retry_strategy,
-            _items.c.max_attempts,
-            _items.c.cancellation,
-            _items.c.idempotency_key,
-            literal("pending", Text),
-            literal(1, Integer),
-            _items.c.run_id,
-            # enqueued_at is when the task first becomes due, so a max_delay
-            # policy counts from run_after, not from the spawn.
-            func.greatest(NOW, _due_at(_items)),
+
+def _spawn_from(items: CTE) -> Select[Any]:
+    """Insert a task and its first run for each row of ``items`` (the columns
+    of ``_recordset``) into the queue ``:queue``, unless its idempotency key is
+    taken; select each new (task_id, run_id) and notify the queue's workers."""
+    inserted_tasks = (
+        pg_insert(tasks)
+        .from_select(
+            [
+                "task_id",
+                "queue_name",
+                "task_name",
+                "params",
+                "headers",
+                "retry_strategy",
+                "max_attempts",
+                "cancellation",
+                "idempotency_key",
+                "state",
+                "attempts",
+                "last_run_id",
+                "enqueued_at",
+            ],
+            select(
+                items.c.task_id,
+                _queue_row.c.queue_name,
+                items.c.task_name,
+                items.c.params,
+                items.c.headers,
+                items.c.retry_strategy,
+                items.c.max_attempts,
+                items.c.cancellation,
+                items.c.idempotency_key,
+                literal("pending", Text),
+                literal(1, Integer),
+                items.c.run_id,
+                # enqueued_at is when the task first becomes due, so a max_delay
+                # policy counts from run_after, not from the spawn.
+                func.greatest(NOW, _due_at(items)),
+            )
+            .select_from(items.join(_queue_row, true()))
+            # Concurrent batches that share idempotency keys take the key locks in
+            # one order, so they wait for each other instead of deadlocking.
+            .order_by(items.c.idempotency_key, items.c.position),
         )
-        .select_from(_items.join(_queue_row, true()))
-        # Concurrent batches that share idempotency keys take the key locks in
-        # one order, so they wait for each other instead of deadlocking.
-        .order_by(_items.c.idempotency_key, _items.c.position),
+        .on_conflict_do_nothing(
+            index_elements=[tasks.c.queue_name, tasks.c.idempotency_key],
+            index_where=tasks.c.idempotency_key.is_not(None),
+        )
+        .returning(tasks.c.task_id, tasks.c.last_run_id)
+        .cte("inserted_tasks")
     )
-    .on_conflict_do_nothing(
-        index_elements=[tasks.c.queue_name, tasks.c.idempotency_key],
-        index_where=tasks.c.idempotency_key.is_not(None),
+    inserted_runs = (
+        insert_pending_runs(
+            select(
+                inserted_tasks.c.last_run_id,
+                inserted_tasks.c.task_id,
+                q_param,
+                literal(1, Integer),
+                _due_at(items),
+            ).select_from(inserted_tasks.join(items, items.c.task_id == inserted_tasks.c.task_id)),
+        )
+        .returning(runs.c.task_id, runs.c.run_id)
+        .cte("inserted_runs")
     )
-    .returning(tasks.c.task_id, tasks.c.last_run_id)
-    .cte("inserted_tasks")
-)
-_run_items = _items
-_inserted_runs = (
-    insert_pending_runs(
-        select(
-            _inserted_tasks.c.last_run_id,
-            _inserted_tasks.c.task_id,
-            q_param,
-            literal(1, Integer),
-            _due_at(_run_items),
-        ).select_from(
-            _inserted_tasks.join(_run_items, _run_items.c.task_id == _inserted_tasks.c.task_id)
-        ),
-    )
-    .returning(runs.c.task_id, runs.c.run_id)
-    .cte("inserted_runs")
-)
-spawn = select(_inserted_runs.c.task_id, _inserted_runs.c.run_id, notify().label("notified"))
+    return select(inserted_runs.c.task_id, inserted_runs.c.run_id, notify().label("notified"))
+
+
+spawn = _spawn_from(_items)
+
+# The same for one task, its fields as bind parameters (JSON ones as text):
+# no JSON record set to build and unpack for the common single spawn.
+_one_item = select(
+    literal(0, Integer).label("position"),
+    bindparam("task_id", type_=UUID(as_uuid=True)).label("task_id"),
+    bindparam("run_id", type_=UUID(as_uuid=True)).label("run_id"),
+    bindparam("task_name", type_=Text).label("task_name"),
+    json_param("params").label("params"),
+    json_param("headers").label("headers"),
+    json_param("retry_strategy").label("retry_strategy"),
+    bindparam("max_attempts", type_=Integer).label("max_attempts"),
+    json_param("cancellation").label("cancellation"),
+    bindparam("idempotency_key", type_=Text).label("idempotency_key"),
+    cast(bindparam("delay_seconds"), Float).label("delay_seconds"),
+    bindparam("run_after", type_=TIMESTAMP(timezone=True)).label("run_after"),
+).cte("items")
+spawn_one = _spawn_from(_one_item)
+existing_by_key = select(
+    tasks.c.idempotency_key, tasks.c.task_id, tasks.c.last_run_id, tasks.c.attempts
+).where(tasks.c.queue_name == q_param, tasks.c.idempotency_key == bindparam("key", type_=Text))
 
 existing_by_keys = select(
     tasks.c.idempotency_key, tasks.c.task_id, tasks.c.last_run_id, tasks.c.attempts
@@ -372,7 +398,7 @@ _cancelled_runs = (
     .where(
         runs.c.task_id == t_param,
         task_queue_matches(runs.c.queue_name),
-        runs.c.state.in_(LIVE_STATES),
+        state_in(runs.c.state, *LIVE_STATES),
     )
     .values(state="cancelled", finished_at=NOW, claim_expires_at=None)
     .returning(runs.c.run_id)

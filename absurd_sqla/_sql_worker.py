@@ -491,7 +491,7 @@ _failed = (
 )
 _failed_task = (
     update(tasks)
-    .where(tasks.c.task_id == _failed.c.task_id, tasks.c.state.not_in(TERMINAL_STATES))
+    .where(tasks.c.task_id == _failed.c.task_id, ~state_in(tasks.c.state, *TERMINAL_STATES))
     .values(
         state=case((_retry, "pending"), else_="failed"),
         attempts=case((_retry, _failed.c.attempt + 1), else_=tasks.c.attempts),

@@ -168,6 +168,11 @@ class Absurd:
         the tasks are invisible until the caller commits and gone on rollback.
         """
         batches = self._core.spawn_batches(requests)
+        if len(batches) == 1 and len(batches[0].rows) == 1:
+            if session is None:
+                return [_ops.spawn_one(self._db, None, self._core, batches[0])]
+            with self._db.joined(session) as conn:
+                return [_ops.spawn_one(self._db, conn, self._core, batches[0])]
         # One queue is one statement: atomic on its own (the key lookup only reads).
         with self._db.joined(session, atomic=len(batches) > 1) as conn:
             return _ops.spawn_many(conn, self._core, batches)

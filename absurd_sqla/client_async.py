@@ -169,6 +169,11 @@ class AsyncAbsurd:
         the tasks are invisible until the caller commits and gone on rollback.
         """
         batches = self._core.spawn_batches(requests)
+        if len(batches) == 1 and len(batches[0].rows) == 1:
+            if session is None:
+                return [await _ops_async.spawn_one(self._db, None, self._core, batches[0])]
+            async with self._db.joined(session) as conn:
+                return [await _ops_async.spawn_one(self._db, conn, self._core, batches[0])]
         # One queue is one statement: atomic on its own (the key lookup only reads).
         async with self._db.joined(session, atomic=len(batches) > 1) as conn:
             return await _ops_async.spawn_many(conn, self._core, batches)

@@ -186,16 +186,16 @@ class Side:
 
     name: str
 
-    def spawn_each(self, n: int) -> float:
+    def spawn_each(self, n: int) -> Timing:
         raise NotImplementedError
 
-    def spawn_one_transaction(self, n: int) -> float:
+    def spawn_one_transaction(self, n: int) -> Timing:
         raise NotImplementedError
 
     def worker(self, kind: str, concurrency: int, n: int) -> float | None:
         raise NotImplementedError
 
-    def batch_loop(self, n: int) -> float:
+    def batch_loop(self, n: int) -> Timing:
         raise NotImplementedError
 
     def start_waiter_worker(self) -> None:
@@ -275,10 +275,20 @@ def planner_evaluated(query: str) -> bool:
     return query.startswith(PLANNER_EVALUATED)
 
 
-def timed(n: int, fn: Callable[[], None]) -> float:
-    began = time.perf_counter()
+@dataclass
+class Timing:
+    """A timed run: items per second, and the client's CPU per item (this
+    process, user + system: Python, the driver and its system calls)."""
+
+    rate: float
+    cpu_ms: float
+
+
+def timed(n: int, fn: Callable[[], None]) -> Timing:
+    began, cpu = time.perf_counter(), time.process_time()
     fn()
-    return n / (time.perf_counter() - began)
+    elapsed, used = time.perf_counter() - began, time.process_time() - cpu
+    return Timing(n / elapsed, used * 1000 / n)
 
 
 class CountingCursor(psycopg.Cursor[Any]):
@@ -354,7 +364,7 @@ class Original(Side):
         row = self.admin.execute(query).fetchone()
         return int(row[0]) if row else 0
 
-    def spawn_each(self, n: int) -> float:
+    def spawn_each(self, n: int) -> Timing:
         app, queue = self.fresh("o_spawn")
         app.spawn(TASK, {"i": -1})  # warm up
 
@@ -362,16 +372,16 @@ class Original(Side):
             for i in range(n):
                 app.spawn(TASK, {"i": i})
 
-        rate = timed(n, run)
+        timing = timed(n, run)
         self.drop(app, queue)
-        return rate
+        return timing
 
-    def spawn_one_transaction(self, n: int) -> float:
+    def spawn_one_transaction(self, n: int) -> Timing:
         app, queue = self.fresh("o_spawntx")
         app.spawn(TASK, {"i": -1})
-        rate = timed(n, lambda: self.prespawn(app, n))
+        timing = timed(n, lambda: self.prespawn(app, n))
         self.drop(app, queue)
-        return rate
+        return timing
 
     def worker(self, kind: str, concurrency: int, n: int) -> float:
         app, queue = self.fresh(f"o_{kind}{concurrency}")
@@ -432,18 +442,20 @@ class Original(Side):
 
         return Running(app.stop_worker, join)
 
-    def batch_loop(self, n: int) -> float:
+    def batch_loop(self, n: int) -> Timing:
         app, queue = self.fresh("o_batch")
         self.prespawn(app, n)
-        began = time.perf_counter()
         deadline = time.monotonic() + DEADLINE
-        while self.completed(queue) < n:
-            if time.monotonic() > deadline:
-                raise RuntimeError("original work_batch loop: not done")
-            app.work_batch(worker_id="bench", batch_size=BATCH)
-        elapsed = time.perf_counter() - began
+
+        def run() -> None:
+            while self.completed(queue) < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("original work_batch loop: not done")
+                app.work_batch(worker_id="bench", batch_size=BATCH)
+
+        timing = timed(n, run)
         self.drop(app, queue)
-        return n / elapsed
+        return timing
 
     def start_waiter_worker(self) -> None:
         app, queue = self.fresh("o_wake")
@@ -578,7 +590,7 @@ class Ours(Side):
         with self.engine.connect() as conn:
             return int(conn.scalar(query) or 0)
 
-    def spawn_each(self, n: int) -> float:
+    def spawn_each(self, n: int) -> Timing:
         queue = self.fresh("s_spawn")
         self.app.spawn(TASK, {"i": -1}, queue=queue)  # warm up
 
@@ -586,11 +598,11 @@ class Ours(Side):
             for i in range(n):
                 self.app.spawn(TASK, {"i": i}, queue=queue)
 
-        rate = timed(n, run)
+        timing = timed(n, run)
         self.app.drop_queue(queue)
-        return rate
+        return timing
 
-    def spawn_one_transaction(self, n: int) -> float:
+    def spawn_one_transaction(self, n: int) -> Timing:
         queue = self.fresh("s_spawntx")
         self.app.spawn(TASK, {"i": -1}, queue=queue)
 
@@ -599,9 +611,9 @@ class Ours(Side):
                 for i in range(n):
                     self.app.spawn(TASK, {"i": i}, queue=queue, session=session)
 
-        rate = timed(n, run)
+        timing = timed(n, run)
         self.app.drop_queue(queue)
-        return rate
+        return timing
 
     def worker(self, kind: str, concurrency: int, n: int) -> float:
         queue = self.fresh(f"s_{kind}{concurrency}")
@@ -632,18 +644,20 @@ class Ours(Side):
         thread.start()
         return Running(self.app.stop_worker, thread.join)
 
-    def batch_loop(self, n: int) -> float:
+    def batch_loop(self, n: int) -> Timing:
         queue = self.fresh("s_batch")
         self.prespawn(queue, n)
-        began = time.perf_counter()
         deadline = time.monotonic() + DEADLINE
-        while self.completed(queue) < n:
-            if time.monotonic() > deadline:
-                raise RuntimeError("ours work_batch loop: not done")
-            self.app.work_batch(worker_id="bench", batch_size=BATCH, queue=queue)
-        elapsed = time.perf_counter() - began
+
+        def run() -> None:
+            while self.completed(queue) < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("ours work_batch loop: not done")
+                self.app.work_batch(worker_id="bench", batch_size=BATCH, queue=queue)
+
+        timing = timed(n, run)
         self.app.drop_queue(queue)
-        return n / elapsed
+        return timing
 
     def start_waiter_worker(self) -> None:
         queue = self.fresh("s_wake")
@@ -747,7 +761,7 @@ class Floor:
                 for i in range(n):
                     conn.execute("INSERT INTO floor (v) VALUES (%s)", (i,))
 
-            return timed(n, run)
+            return timed(n, run).rate
 
     def pgbench_tps(self, clients: int) -> float | None:
         if self.pgbench is None:
@@ -801,7 +815,10 @@ class Figure:
 
     def record(self, side: str, value: float | None) -> None:
         if value is not None:
-            (self.original if side == "original" else self.ours).append(value)
+            self.values(side).append(value)
+
+    def values(self, side: str) -> list[float]:
+        return self.original if side == "original" else self.ours
 
 
 def median(values: list[float]) -> float | None:
@@ -811,7 +828,7 @@ def median(values: list[float]) -> float | None:
 def cell(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
-    decimals = {"ms": 1, "count": 2}.get(unit, 0)
+    decimals = {"ms": 1, "count": 2, "ms CPU": 3}.get(unit, 0)
     return f"{value:.{decimals}f}"
 
 
@@ -979,12 +996,35 @@ def run_all(
     if floor.pgbench is None:
         floor_pg1.ours_na = floor_pg8.ours_na = "no pgbench binary found"
 
+    cpu_spawn = Figure("client CPU per spawn, own commit each", "ms CPU", lower_is_better=True)
+    cpu_spawn_tx = Figure("client CPU per spawn, one transaction", "ms CPU", lower_is_better=True)
+    cpu_task = Figure(f"client CPU per 3-step task, work_batch({BATCH})", "ms CPU", True)
+
+    def with_cpu(cpu: Figure, measure: Callable[[Side], Timing]) -> Callable[[Side], float]:
+        """The rate of ``measure``, its CPU per item recorded in ``cpu``."""
+
+        def rate(side: Side) -> float:
+            got = measure(side)
+            cpu.record(side.name, got.cpu_ms)
+            return got.rate
+
+        return rate
+
+    def spawns(side: Side) -> Timing:
+        return side.spawn_each(n_spawn)
+
+    def spawns_tx(side: Side) -> Timing:
+        return side.spawn_one_transaction(n_spawn)
+
+    def batches(side: Side) -> Timing:
+        return side.batch_loop(n_tasks)
+
     for r in range(args.rounds):
-        run_figure(spawn_each, sides, r, lambda s: s.spawn_each(n_spawn))
-        run_figure(spawn_tx, sides, r, lambda s: s.spawn_one_transaction(n_spawn))
+        run_figure(spawn_each, sides, r, with_cpu(cpu_spawn, spawns))
+        run_figure(spawn_tx, sides, r, with_cpu(cpu_spawn_tx, spawns_tx))
         for kind, c, fig in workers:
             run_figure(fig, sides, r, lambda s, k=kind, c=c: s.worker(k, c, n_tasks))
-        run_figure(batch, sides, r, lambda s: s.batch_loop(n_tasks))
+        run_figure(batch, sides, r, with_cpu(cpu_task, batches))
         # The floor belongs to neither system (kept in Figure.ours, printed apart).
         floor_py.ours.append(floor.python_loop(n_spawn))
         for fig, clients in ((floor_pg1, 1), (floor_pg8, 8)):
@@ -1035,6 +1075,15 @@ def run_all(
             at_server.record(side.name, sum(sent))
             breakdown[side.name] = counts.server
 
+    # Client CPU per statement on the worker's hot path: a task's CPU in the
+    # work_batch loop over the statements the client sends per task.
+    cpu_statement = Figure("client CPU per statement, work_batch", "ms CPU", True)
+    for side in sides:
+        per_task = median(cpu_task.values(side.name))
+        per_statement = median(stmts.values(side.name))
+        if per_task is not None and per_statement:
+            cpu_statement.record(side.name, per_task / per_statement)
+
     return [
         spawn_each,
         spawn_tx,
@@ -1045,6 +1094,10 @@ def run_all(
         stmts,
         commits,
         at_server,
+        cpu_spawn,
+        cpu_spawn_tx,
+        cpu_task,
+        cpu_statement,
     ], [floor_py, floor_pg1, floor_pg8]
 
 

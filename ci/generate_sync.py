@@ -85,6 +85,8 @@ NAMES = {
     "async_sessionmaker": "sessionmaker",
     "async_engine_and_sessions": "engine_and_sessions",
     "async_sleep": "sleep",
+    "async_release": "release",
+    "async_driver": "driver",
     "asynccontextmanager": "contextmanager",
     "check_async_handler": "check_sync_handler",
     "_db_async": "_db",

@@ -273,6 +273,23 @@ async def test_savepoint_rollback_drops_only_the_inner_task(
 
 
 @run_async  # async only
+async def test_a_lone_spawn_on_a_bare_connection_commits_and_rolls_back_with_it(
+    database_url: str, clean_db: Engine
+) -> None:
+    """The spawn is the connection's first statement: its transaction must be
+    the one the caller's ``commit()`` or ``rollback()`` ends."""
+    async with async_app_for(database_url) as app:
+        async with app.engine.connect() as conn:
+            await app.spawn("fulfil", {}, session=conn)
+            await conn.rollback()
+        assert count_tasks(clean_db) == 0
+        async with app.engine.connect() as conn:
+            await app.spawn("fulfil", {}, session=conn)
+            await conn.commit()
+        assert count_tasks(clean_db) == 1
+
+
+@run_async  # async only
 async def test_a_connection_joins_too(database_url: str, clean_db: Engine) -> None:
     async with async_app_for(database_url) as app:
         async with app.engine.connect() as conn:

@@ -209,6 +209,22 @@ def test_savepoint_rollback_drops_only_the_inner_task(database_url: str, clean_d
         assert app.fetch_task_result(inner.task_id) is None
 
 
+def test_a_lone_spawn_on_a_bare_connection_commits_and_rolls_back_with_it(
+    database_url: str, clean_db: Engine
+) -> None:
+    """The spawn is the connection's first statement: its transaction must be
+    the one the caller's ``commit()`` or ``rollback()`` ends."""
+    with app_for(database_url) as app:
+        with app.engine.connect() as conn:
+            app.spawn("fulfil", {}, session=conn)
+            conn.rollback()
+        assert count_tasks(clean_db) == 0
+        with app.engine.connect() as conn:
+            app.spawn("fulfil", {}, session=conn)
+            conn.commit()
+        assert count_tasks(clean_db) == 1
+
+
 def test_a_connection_joins_too(database_url: str, clean_db: Engine) -> None:
     with app_for(database_url) as app:
         with app.engine.connect() as conn:

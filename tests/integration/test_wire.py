@@ -1,0 +1,222 @@
+"""The hot path's statements go straight to psycopg (``absurd_sqla._wire``):
+which statements do, that a listener on SQLAlchemy's cursor events turns it
+off, and that a pooled connection comes back from it exactly as it went out
+(in a transaction-ready state, or discarded when its state is unknown)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, Integer, cast, create_engine, event, func, literal, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import Session
+
+from absurd_sqla import Absurd, TaskContext, _wire
+from absurd_sqla import _sql as sql
+from absurd_sqla import _sql_worker as sqlw
+from absurd_sqla._db import Database
+from absurd_sqla._db_async import AsyncDatabase
+from tests.support import Order, wait_until
+
+# Every statement a run or a single spawn sends on its own: each must take the wire.
+HOT = {
+    "claim": sqlw.claim,
+    "seconds_until_due": sqlw.seconds_until_due,
+    "heartbeat": sqlw.heartbeat,
+    "write_checkpoint": sqlw.write_checkpoint,
+    "sleep": sqlw.sleep,
+    "await_event": sqlw.await_event,
+    "complete_run": sqlw.complete_run,
+    "fail_run": sqlw.fail_run,
+    "defer_run": sqlw.defer_run,
+    "spawn_one": sql.spawn_one,
+    "existing_by_key": sql.existing_by_key,
+    "task_identity": sql.task_identity,
+}
+# ... and what a retried write reads to tell its own landed change from a lost lease.
+HOT.update(
+    {
+        f"landed {name}": sqlw.landed_statement(HOT[name])
+        for name in ("write_checkpoint", "sleep", "await_event", "complete_run", "fail_run")
+    }
+)
+
+
+@pytest.mark.parametrize("name", sorted(HOT))
+def test_each_hot_statement_takes_the_wire(name: str, engine: Engine) -> None:
+    statement = HOT[name]
+    assert statement is not None and _wire.prepared(statement, engine) is not None
+
+
+def test_a_statement_that_needs_sqlalchemy_does_not(engine: Engine) -> None:
+    # An expanding IN list is rendered by SQLAlchemy at execution time; a
+    # numeric result is converted by SQLAlchemy according to its type code.
+    assert _wire.prepared(sql.existing_queues, engine) is None
+    assert _wire.prepared(select(literal(1) / literal(3)), engine) is None
+
+
+@pytest.fixture
+def wire_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The SQL of every statement sent through the wire, in order."""
+    calls: list[str] = []
+    rows = _wire.Prepared.rows
+
+    def counting(self: _wire.Prepared, cursor: Any, fetched: Any) -> Any:
+        calls.append(self.sql)
+        return rows(self, cursor, fetched)
+
+    monkeypatch.setattr(_wire.Prepared, "rows", counting)
+    return calls
+
+
+def three_steps(params: Any, ctx: TaskContext) -> int:
+    a = ctx.step("one", lambda: 1)
+    b = ctx.step("two", lambda: a + 1)
+    return ctx.step("three", lambda: b + 1)
+
+
+def test_a_task_runs_on_the_wire(app: Absurd, wire_calls: list[str]) -> None:
+    app.register_task("three")(three_steps)
+    spawned = app.spawn("three", {})
+    assert len(wire_calls) == 1  # the spawn
+    wire_calls.clear()
+    assert app.work_batch("w") == 1
+    assert app.fetch_task_result(spawned.task_id).state == "completed"  # type: ignore[union-attr]
+    # claim, three checkpoints, completion (the sweep is a transaction of its own)
+    assert len(wire_calls) == 5, wire_calls
+
+
+def test_a_cursor_listener_sees_every_statement_instead(
+    app: Absurd, engine: Engine, wire_calls: list[str]
+) -> None:
+    app.register_task("three")(three_steps)
+    seen: list[str] = []
+
+    def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        app.spawn("three", {})
+        assert app.work_batch("w") == 1
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
+    assert wire_calls == []
+    assert len(seen) >= 6  # spawn, sweep, claim, 3 checkpoints, completion
+
+
+@pytest.fixture
+def one_connection(database_url: str) -> Iterator[Engine]:
+    """An engine whose pool holds a single connection, so every use reuses it."""
+    eng = create_engine(database_url, pool_size=1, max_overflow=0)
+    yield eng
+    eng.dispose()
+
+
+def backend_pid(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.pg_backend_pid())) or 0)
+
+
+def rolled_back_order_survives(engine: Engine) -> bool:
+    """Whether an INSERT in a Session that rolls back is still there: it is
+    only if the pooled connection was left in autocommit."""
+    with Session(engine) as session:
+        session.add(Order(email="ghost@example.com", amount=1))
+        session.flush()
+        session.rollback()
+    with engine.connect() as conn:
+        return bool(
+            conn.scalar(text("SELECT count(*) FROM orders WHERE email = 'ghost@example.com'"))
+        )
+
+
+def test_a_connection_goes_back_to_the_pool_out_of_autocommit(
+    clean_db: Engine, one_connection: Engine
+) -> None:
+    db = Database(one_connection)
+    assert db.rows(select(literal(1).label("one")), {})[0].one == 1
+    assert not rolled_back_order_survives(one_connection)
+
+
+def test_a_failed_statement_leaves_the_connection_usable_and_out_of_autocommit(
+    clean_db: Engine, one_connection: Engine
+) -> None:
+    db = Database(one_connection)
+    pid = backend_pid(one_connection)
+    with pytest.raises(DBAPIError) as raised:
+        db.rows(select(cast(literal("x"), Integer)), {})
+    assert raised.value.orig is not None and raised.value.orig.sqlstate == "22P02"
+    assert not raised.value.connection_invalidated
+    assert backend_pid(one_connection) == pid  # kept, not discarded
+    assert not rolled_back_order_survives(one_connection)
+
+
+def test_a_lost_connection_is_discarded_and_replaced(
+    clean_db: Engine, one_connection: Engine
+) -> None:
+    db = Database(one_connection)
+    pid = backend_pid(one_connection)
+    with clean_db.connect() as observer:
+        observer.execute(select(func.pg_terminate_backend(pid)))
+    with pytest.raises(DBAPIError) as raised:
+        db.rows(select(literal(1)), {})
+    assert raised.value.connection_invalidated
+    assert db.rows(select(literal(2).label("two")), {})[0].two == 2
+    assert backend_pid(one_connection) != pid
+
+
+def test_a_statement_cancelled_midway_discards_its_connection(
+    clean_db: Engine, database_url: str
+) -> None:
+    async def scenario() -> None:
+        engine = create_async_engine(database_url, pool_size=1, max_overflow=0)
+        db = AsyncDatabase(engine)
+        try:
+            sleeping = asyncio.ensure_future(
+                db.rows(select(func.pg_sleep(30), literal("marker-a1")), {})
+            )
+
+            def asleep() -> bool:
+                with clean_db.connect() as conn:
+                    query = text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                        "'%pg_sleep%' AND state = 'active' AND pid <> pg_backend_pid()"
+                    )
+                    return bool(conn.scalar(query))
+
+            while not await asyncio.to_thread(asleep):
+                await asyncio.sleep(0)
+            sleeping.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sleeping
+            # The connection, mid-statement, was closed rather than pooled: its
+            # backend goes away, and the pool hands out a fresh one.
+            await asyncio.to_thread(wait_until, lambda: not asleep(), "the backend to go")
+            rows = await db.rows(select(literal(3).label("three")), {})
+            assert rows[0].three == 3
+        finally:
+            await engine.dispose()
+
+    asyncio.run(scenario())
+
+
+def test_an_opt_out_of_prepared_statements_is_respected(
+    clean_db: Engine, database_url: str
+) -> None:
+    def prepared_count(engine: Engine) -> int:
+        db = Database(engine)
+        db.rows(sqlw.seconds_until_due, {"queue": "default"})
+        with engine.connect() as conn:
+            return int(conn.scalar(text("SELECT count(*) FROM pg_prepared_statements")) or 0)
+
+    for connect_args, expected in [({}, True), ({"prepare_threshold": None}, False)]:
+        engine = create_engine(database_url, pool_size=1, max_overflow=0, connect_args=connect_args)
+        try:
+            assert (prepared_count(engine) > 0) is expected, connect_args
+        finally:
+            engine.dispose()
