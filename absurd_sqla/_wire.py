@@ -95,13 +95,41 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> Prepared:
         )
     ):
         return _NOT_ELIGIBLE
+    sql = compiled.string
     binds: dict[str, Any] = getattr(compiled, "binds", {})
-    defaults = {
-        name: value
-        for name, value in compiled.params.items()
-        if not (binds[name].required if name in binds else False)
+    defaults: dict[str, Any] = {}
+    for name, value in compiled.params.items():
+        bind = binds.get(name)
+        if bind is None or bind.required:
+            continue
+        constant = _literal(bind, value, dialect)
+        if constant is None:
+            defaults[name] = value
+        else:
+            sql = sql.replace(f"%({name})s", constant)
+    processors = {
+        name: process
+        for name, process in getattr(compiled, "_bind_processors", {}).items()
+        if f"%({name})s" in sql
     }
-    return Prepared(compiled.string, defaults, dict(getattr(compiled, "_bind_processors", {})))
+    return Prepared(sql, defaults, processors)
+
+
+def _literal(bind: Any, value: Any, dialect: Dialect) -> str | None:
+    """A constant (an anonymous parameter with its value: ``literal(1)``,
+    ``column == "x"``) as SQL text, or None to keep it a parameter.
+
+    Written into the statement, it is one parameter fewer for psycopg to adapt
+    on every execution, and a generic plan of the prepared statement sees it (a
+    partial index whose predicate names it stays usable)."""
+    if not bind.unique or value is None or callable(value):
+        return None
+    render = bind.type.literal_processor(dialect)
+    if render is None:
+        return None
+    # For a pyformat dialect (psycopg), SQLAlchemy's literal rendering already
+    # doubles "%", as psycopg's placeholders need.
+    return str(render(value))
 
 
 def prepared(statement: Executable, bind: Any) -> Prepared | None:

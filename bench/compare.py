@@ -163,7 +163,9 @@ def wait_until(done: Callable[[], bool], what: str, timeout: float = DEADLINE) -
     while not done():
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: not done after {timeout:.0f} s")
-        time.sleep(0.005)  # polling the database, the condition we time
+        time.sleep(
+            0.02
+        )  # polling the database, the condition we time (every 5 ms cost both sides CPU)
 
 
 def new_queue(prefix: str) -> str:

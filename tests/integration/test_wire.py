@@ -10,7 +10,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, Integer, cast, create_engine, event, func, literal, select, text
+from sqlalchemy import (
+    Engine,
+    Integer,
+    bindparam,
+    cast,
+    create_engine,
+    event,
+    func,
+    literal,
+    select,
+    text,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
@@ -57,6 +68,15 @@ def test_a_statement_that_needs_sqlalchemy_does_not(engine: Engine) -> None:
     # numeric result is converted by SQLAlchemy according to its type code.
     assert _wire.prepared(sql.existing_queues, engine) is None
     assert _wire.prepared(select(literal(1) / literal(3)), engine) is None
+
+
+def test_constants_are_written_into_the_statement(engine: Engine) -> None:
+    prepared = _wire.prepared(sql.spawn_one, engine)
+    assert prepared is not None
+    # literal("pending"), literal(1), coalesce(..., 0.0): no parameter to adapt
+    assert prepared.defaults == {} and "%(param_" not in prepared.sql
+    assert "'pending'" in prepared.sql
+    assert "%(task_id)s" in prepared.sql  # a named parameter stays one
 
 
 @pytest.fixture
@@ -141,6 +161,16 @@ def test_a_connection_goes_back_to_the_pool_out_of_autocommit(
     db = Database(one_connection)
     assert db.rows(select(literal(1).label("one")), {})[0].one == 1
     assert not rolled_back_order_survives(one_connection)
+
+
+def test_a_constant_is_quoted_and_escaped_for_psycopg(
+    clean_db: Engine, one_connection: Engine
+) -> None:
+    statement = select(
+        literal("100% 'sure'").label("text"), bindparam("n", type_=Integer).label("n")
+    )
+    row = Database(one_connection).rows(statement, {"n": 5})[0]
+    assert (row.text, row.n) == ("100% 'sure'", 5)
 
 
 def test_a_failed_statement_leaves_the_connection_usable_and_out_of_autocommit(
