@@ -32,6 +32,7 @@ from sqlalchemy.sql import Executable
 from . import _sql_worker as sqlw
 from . import _wire
 from ._engine import Bind, engine_and_sessions
+from ._group import Group
 from ._retry import reconnect_delay
 from .errors import InvalidArgument
 
@@ -75,6 +76,27 @@ class Database:
         # Single statements are atomic alone: run them without BEGIN/COMMIT,
         # one round trip instead of three. Shares the engine's pool.
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Checkpoints of concurrent handlers go together (``_group``).
+        self.checkpoints: Group[Mapping[str, Any], _wire.Record] = Group(
+            self._checkpoint_alone, self._checkpoint_group
+        )
+
+    def _checkpoint_alone(self, params: Mapping[str, Any]) -> _wire.Record:
+        return self.retrying(sqlw.write_checkpoint, params)
+
+    def _checkpoint_group(self, items: Sequence[Mapping[str, Any]]) -> list[_wire.Record]:
+        rows = self.rows(
+            sqlw.write_checkpoints,
+            {
+                "runs": [item["run"] for item in items],
+                "steps": [item["step"] for item in items],
+                "values": [item["value_json"] for item in items],
+                "timeouts": [float(item["claim_timeout"]) for item in items],
+            },
+        )
+        if len(rows) != len(items):
+            raise RuntimeError(f"a group of {len(items)} checkpoints returned {len(rows)} rows")
+        return rows
 
     def one(
         self, statement: Executable, params: Mapping[str, Any], *, retry: bool = False

@@ -29,6 +29,7 @@ from sqlalchemy.sql import Executable
 from . import _sql_worker as sqlw
 from . import _wire
 from ._engine import AsyncBind, async_engine_and_sessions
+from ._group_async import Group
 from ._retry import reconnect_delay
 from .errors import InvalidArgument
 
@@ -74,6 +75,27 @@ class AsyncDatabase:
         # Single statements are atomic alone: run them without BEGIN/COMMIT,
         # one round trip instead of three. Shares the engine's pool.
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        # Checkpoints of concurrent handlers go together (``_group_async``).
+        self.checkpoints: Group[Mapping[str, Any], _wire.Record] = Group(
+            self._checkpoint_alone, self._checkpoint_group
+        )
+
+    async def _checkpoint_alone(self, params: Mapping[str, Any]) -> _wire.Record:
+        return await self.retrying(sqlw.write_checkpoint, params)
+
+    async def _checkpoint_group(self, items: Sequence[Mapping[str, Any]]) -> list[_wire.Record]:
+        rows = await self.rows(
+            sqlw.write_checkpoints,
+            {
+                "runs": [item["run"] for item in items],
+                "steps": [item["step"] for item in items],
+                "values": [item["value_json"] for item in items],
+                "timeouts": [float(item["claim_timeout"]) for item in items],
+            },
+        )
+        if len(rows) != len(items):
+            raise RuntimeError(f"a group of {len(items)} checkpoints returned {len(rows)} rows")
+        return rows
 
     async def one(
         self, statement: Executable, params: Mapping[str, Any], *, retry: bool = False

@@ -23,6 +23,7 @@ from sqlalchemy import (
     bindparam,
     case,
     cast,
+    column,
     delete,
     false,
     func,
@@ -34,7 +35,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
@@ -237,6 +238,97 @@ write_checkpoint = select(
     count_of(_cp_written).label("written"),
     _run_state(_renewed).label("run_state"),
     NOW.label("now"),
+)
+
+# The same for the checkpoints of several runs at once (concurrent handlers of
+# one worker, grouped into one statement and one commit): parallel arrays of
+# run, step, value (JSON text) and lease seconds; one row per item, in order.
+# The runs are locked in run_id order first, so two groups that share runs
+# (they never should: a run belongs to one worker) would wait, not deadlock.
+# Each row is fenced on its own, exactly as ``write_checkpoint``.
+_group = (
+    func.unnest(
+        cast(bindparam("runs"), ARRAY(UUID(as_uuid=True))),
+        cast(bindparam("steps"), ARRAY(Text)),
+        cast(bindparam("values"), ARRAY(Text)),
+        cast(bindparam("timeouts"), ARRAY(Float)),
+    )
+    .table_valued(
+        column("run_id", UUID(as_uuid=True)),
+        column("step", Text),
+        column("value_json", Text),
+        column("claim_timeout", Float),
+        with_ordinality="position",
+    )
+    .render_derived(name="item")
+)
+_group_items = select(_group).cte("items")
+_group_locked = (
+    select(runs.c.run_id, runs.c.state)
+    .where(runs.c.run_id.in_(select(_group_items.c.run_id)))
+    .order_by(runs.c.run_id)
+    .with_for_update()
+    .cte("locked")
+)
+_group_renewed = (
+    update(runs)
+    .where(
+        runs.c.run_id == _group_items.c.run_id,
+        runs.c.run_id.in_(select(_group_locked.c.run_id)),
+        state_in(runs.c.state, "running"),
+        LEASE_OK,
+    )
+    .values(
+        claim_expires_at=case(
+            (runs.c.claim_expires_at.is_(None), null()),
+            else_=func.greatest(
+                runs.c.claim_expires_at, NOW + _group_items.c.claim_timeout * ONE_SECOND
+            ),
+        )
+    )
+    .returning(runs.c.run_id, runs.c.task_id)
+    .cte("owner")
+)
+_group_insert = insert_checkpoints(
+    select(
+        _group_renewed.c.task_id,
+        _group_items.c.step,
+        cast(_group_items.c.value_json, JSONB),
+        _group_renewed.c.run_id,
+        NOW,
+    ).select_from(
+        _group_renewed.join(_group_items, _group_items.c.run_id == _group_renewed.c.run_id)
+    ),
+)
+_group_written = (
+    _group_insert.on_conflict_do_update(
+        index_elements=[checkpoints.c.task_id, checkpoints.c.checkpoint_name],
+        set_={
+            "state": _group_insert.excluded.state,
+            "owner_run_id": _group_insert.excluded.owner_run_id,
+            "updated_at": _group_insert.excluded.updated_at,
+        },
+    )
+    .returning(checkpoints.c.owner_run_id)
+    .cte("written")
+)
+write_checkpoints = (
+    select(
+        _group_items.c.position,
+        (_group_renewed.c.run_id.is_not(None)).cast(Integer).label("owned"),
+        select(func.count())
+        .where(_group_written.c.owner_run_id == _group_items.c.run_id)
+        .scalar_subquery()
+        .label("written"),
+        _group_locked.c.state.label("run_state"),
+        NOW.label("now"),
+    )
+    .select_from(
+        _group_items.outerjoin(
+            _group_renewed, _group_renewed.c.run_id == _group_items.c.run_id
+        ).outerjoin(_group_locked, _group_locked.c.run_id == _group_items.c.run_id)
+    )
+    .order_by(_group_items.c.position)
 )
 
 heartbeat = select(

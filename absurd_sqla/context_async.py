@@ -99,7 +99,7 @@ class AsyncTaskContext:
         if handle.done:
             return handle.state  # type: ignore[no-any-return]
         params = self._state.checkpoint_params(handle, value)
-        row = await self._db.one(sqlw.write_checkpoint, params, retry=True)
+        row = await self._db.checkpoints.write(params)
         await self._enforce_max_duration(row.now)
         return self._state.after_checkpoint(handle, value, row)  # type: ignore[no-any-return]
 

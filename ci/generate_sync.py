@@ -32,6 +32,7 @@ PACKAGE = ROOT / "absurd_sqla"
 
 # async source -> generated sync module
 MODULES = {
+    "_group_async.py": "_group.py",
     "_db_async.py": "_db.py",
     "_ops_async.py": "_ops.py",
     "context_async.py": "context.py",
@@ -48,6 +49,7 @@ TESTS = {
 # Whole import lines whose sync form comes from another module.
 IMPORTS = {
     "from asyncio import sleep as async_sleep": "from time import sleep",
+    "from asyncio import Condition": "from threading import Condition",
 }
 
 # What ``from sqlalchemy.ext.asyncio import X`` becomes: (module, name).
@@ -90,6 +92,7 @@ NAMES = {
     "asynccontextmanager": "contextmanager",
     "check_async_handler": "check_sync_handler",
     "_db_async": "_db",
+    "_group_async": "_group",
     "_ops_async": "_ops",
     "context_async": "context",
     "_execute_async": "_execute",

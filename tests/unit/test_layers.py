@@ -31,6 +31,8 @@ LAYERS = [
     "_engine",  # bind -> engine + session factory
     "migrate",  # our Alembic revisions, and where a database's schema stands
     "_wire",  # hot statements compiled once, executed on psycopg directly
+    "_group_async",  # group commit of concurrent writers (the source)
+    "_group",  # generated
     "_db_async",  # AsyncDatabase: the I/O primitives (the source)
     "_db",  # Database: generated from _db_async
     "_ops_async",  # multi-statement operations on a connection (the source)
