@@ -31,6 +31,9 @@ ours / original for rates, original / ours for latencies (> 1 = ours better).
   finds the woken run at its next poll, ours is woken by LISTEN/NOTIFY. Each
   emit waits a random 0-0.25 s after the suspension first, so it falls at a
   random point of the poll cycle; emits alternate between the systems.
+* client CPU: ``time.process_time()`` (this process, user + system) across
+  the spawn runs and the ``work_batch`` loop, per spawn and per task; per
+  statement is a task's CPU over the client statements counted per task.
 * floor: one-row INSERT + COMMIT per transaction into a scratch table; a
   psycopg loop at one connection, and ``pgbench`` at 1 and 8 clients when the
   binary is found beside the server's.
