@@ -218,20 +218,28 @@ _renewed = (
     .returning(runs.c.run_id, runs.c.task_id, runs.c.claim_expires_at)
     .cte("owner")
 )
-_cp_insert = insert_checkpoints(
-    select(_renewed.c.task_id, step_param, json_param("value_json"), _renewed.c.run_id, NOW),
-)
-_cp_written = (
-    _cp_insert.on_conflict_do_update(
-        index_elements=[checkpoints.c.task_id, checkpoints.c.checkpoint_name],
-        set_={
-            "state": _cp_insert.excluded.state,
-            "owner_run_id": _cp_insert.excluded.owner_run_id,
-            "updated_at": _cp_insert.excluded.updated_at,
-        },
+
+
+def _checkpoints_written(rows: Select[Any]) -> CTE:
+    """A CTE writing ``rows`` (as ``insert_checkpoints`` takes them) over any
+    checkpoint of the same task and name; it returns each row's owner run."""
+    insert = insert_checkpoints(rows)
+    return (
+        insert.on_conflict_do_update(
+            index_elements=[checkpoints.c.task_id, checkpoints.c.checkpoint_name],
+            set_={
+                "state": insert.excluded.state,
+                "owner_run_id": insert.excluded.owner_run_id,
+                "updated_at": insert.excluded.updated_at,
+            },
+        )
+        .returning(checkpoints.c.owner_run_id)
+        .cte("written")
     )
-    .returning(checkpoints.c.checkpoint_name)
-    .cte("written")
+
+
+_cp_written = _checkpoints_written(
+    select(_renewed.c.task_id, step_param, json_param("value_json"), _renewed.c.run_id, NOW)
 )
 write_checkpoint = select(
     count_of(_renewed).label("owned"),
@@ -289,7 +297,7 @@ _group_renewed = (
     .returning(runs.c.run_id, runs.c.task_id)
     .cte("owner")
 )
-_group_insert = insert_checkpoints(
+_group_written = _checkpoints_written(
     select(
         _group_renewed.c.task_id,
         _group_items.c.step,
@@ -298,19 +306,7 @@ _group_insert = insert_checkpoints(
         NOW,
     ).select_from(
         _group_renewed.join(_group_items, _group_items.c.run_id == _group_renewed.c.run_id)
-    ),
-)
-_group_written = (
-    _group_insert.on_conflict_do_update(
-        index_elements=[checkpoints.c.task_id, checkpoints.c.checkpoint_name],
-        set_={
-            "state": _group_insert.excluded.state,
-            "owner_run_id": _group_insert.excluded.owner_run_id,
-            "updated_at": _group_insert.excluded.updated_at,
-        },
     )
-    .returning(checkpoints.c.owner_run_id)
-    .cte("written")
 )
 write_checkpoints = (
     select(

@@ -20,12 +20,11 @@ original's claim went from 11 ms to 258 ms over the same range).
 from __future__ import annotations
 
 import argparse
-import statistics
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
+from inspect_scale import UUID_FUNCTION, timed  # bench/ is on sys.path when run
 from sqlalchemy import func, select, text
 
 from absurd_sqla import Absurd, SpawnRequest, TaskContext, migrate
@@ -47,11 +46,6 @@ FROM absurd.tasks WHERE task_name = 'done'
   AND last_run_id <= pg_temp.uuid_send_v7(:start + :n - 1 + 100000000);
 """
 
-# A UUIDv7-shaped id from a number, ordered like the number (for the fill only).
-UUID_FUNCTION = """
-CREATE OR REPLACE FUNCTION pg_temp.uuid_send_v7(n bigint) RETURNS uuid LANGUAGE sql AS $$
-  SELECT (lpad(to_hex(n), 12, '0') || '7000' || '8000' || '000000000000')::uuid $$
-"""
 TASKS = 1000
 
 
@@ -62,16 +56,6 @@ def fill(app: Absurd, start: int, n: int) -> None:
             conn.execute(text(statement), {"n": n, "start": start})
     with app.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE"))
-
-
-def median_ms(call: Callable[[], Any], repeat: int) -> float:
-    call()  # warm
-    samples = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - began)
-    return statistics.median(samples) * 1000
 
 
 def completed(app: Absurd, name: str) -> int:
@@ -89,9 +73,9 @@ def measure(app: Absurd, size: int, claims: int) -> dict[str, float]:
     name = f"claimed-{size}"
     app.spawn_many([SpawnRequest(name, {}) for _ in range(claims + 1)])
     figures = {
-        "claim 1 run, ms": median_ms(lambda: executor.claim("default", "bench", 600, 1), claims),
-        "next due, ms": median_ms(lambda: executor.seconds_until_due("default"), 50),
-        "lease sweep, ms": median_ms(lambda: executor.sweep_expired("default"), 50),
+        "claim 1 run, ms": timed(lambda: executor.claim("default", "bench", 600, 1), claims),
+        "next due, ms": timed(lambda: executor.seconds_until_due("default"), 50),
+        "lease sweep, ms": timed(lambda: executor.sweep_expired("default"), 50),
     }
     work = f"three-{size}"
 
