@@ -73,6 +73,9 @@ _lost_runs = select(runs.c.run_id).where(
 )
 
 
+LISTEN_ROUND = 1.0  # seconds: the longest wait inside psycopg's notifies() at a time
+
+
 class AsyncListener:
     """``LISTEN`` on the queue's channel in an asyncio task; each notification
     calls ``wake``. Reconnects with backoff, one warning per outage.
@@ -130,9 +133,17 @@ class AsyncListener:
                 log.warning("LISTEN on %s is back", self._channel, extra=self._extra)
                 self._failing = False
             self._wake()  # anything committed while we were not listening
-            async for _ in conn.notifies():
-                self._wake()
-            raise psycopg.OperationalError("the LISTEN connection stopped delivering notifications")
+            while True:
+                # In bounded rounds, checking for a cancellation between them: on
+                # Python 3.11, asyncio.wait_for inside psycopg's wait can swallow
+                # a cancellation that lands as a notification arrives (the worker
+                # stopping right after its own NOTIFY), and the listener would
+                # then never end.
+                async for _ in conn.notifies(timeout=LISTEN_ROUND):
+                    self._wake()
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
         finally:
             await conn.close()
 
