@@ -195,16 +195,17 @@ class Database:
             return self._rows_on(conn, prepared, bound)
         raw = self.engine.raw_connection()
         driver: Any = raw.driver_connection
+        was = driver.autocommit  # restored as found (a connect_args autocommit=True too)
         try:
             driver.set_autocommit(True)
             cursor = driver.execute(prepared.sql, bound, prepare=True)
             fetched = cursor.fetchall()
-            driver.set_autocommit(False)
+            driver.set_autocommit(was)
         except psycopg.Error as error:
             lost = driver.broken or driver.closed
             if not lost:
                 try:
-                    driver.set_autocommit(False)
+                    driver.set_autocommit(was)
                 except psycopg.Error:
                     lost = True
             _wire.release(raw, invalidate=lost)
@@ -227,7 +228,10 @@ class Database:
             cursor = driver.execute(prepared.sql, bound, prepare=True)
             return prepared.rows(cursor, cursor.fetchall())
         except psycopg.Error as error:
-            raise _wire.wrap(error, prepared, bound, driver.broken or driver.closed) from error
+            lost = driver.broken or driver.closed
+            if lost:  # as SQLAlchemy would: the caller's rollback() then fails no more
+                conn.invalidate()
+            raise _wire.wrap(error, prepared, bound, lost) from error
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Connection]:

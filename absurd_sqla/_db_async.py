@@ -196,16 +196,17 @@ class AsyncDatabase:
             return await self._rows_on(conn, prepared, bound)
         raw = await self.engine.raw_connection()
         driver: Any = raw.driver_connection
+        was = driver.autocommit  # restored as found (a connect_args autocommit=True too)
         try:
             await driver.set_autocommit(True)
             cursor = await driver.execute(prepared.sql, bound, prepare=True)
             fetched = await cursor.fetchall()
-            await driver.set_autocommit(False)
+            await driver.set_autocommit(was)
         except psycopg.Error as error:
             lost = driver.broken or driver.closed
             if not lost:
                 try:
-                    await driver.set_autocommit(False)
+                    await driver.set_autocommit(was)
                 except psycopg.Error:
                     lost = True
             await _wire.async_release(raw, invalidate=lost)
@@ -230,7 +231,10 @@ class AsyncDatabase:
             cursor = await driver.execute(prepared.sql, bound, prepare=True)
             return prepared.rows(cursor, await cursor.fetchall())
         except psycopg.Error as error:
-            raise _wire.wrap(error, prepared, bound, driver.broken or driver.closed) from error
+            lost = driver.broken or driver.closed
+            if lost:  # as SQLAlchemy would: the caller's rollback() then fails no more
+                await conn.invalidate()
+            raise _wire.wrap(error, prepared, bound, lost) from error
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:

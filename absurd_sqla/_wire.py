@@ -28,6 +28,7 @@ so callers and users catch the same exceptions on either path.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import namedtuple
 from collections.abc import Callable, Mapping
@@ -84,6 +85,9 @@ def _processes_results(type_: Any, dialect: Dialect) -> bool:
         return True
 
 
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
+
+
 def _compile(statement: ClauseElement, dialect: Dialect) -> Prepared:
     compiled = statement.compile(dialect=dialect)
     if (
@@ -95,9 +99,9 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> Prepared:
         )
     ):
         return _NOT_ELIGIBLE
-    sql = compiled.string
     binds: dict[str, Any] = getattr(compiled, "binds", {})
     defaults: dict[str, Any] = {}
+    constants: dict[str, str] = {}
     for name, value in compiled.params.items():
         bind = binds.get(name)
         if bind is None or bind.required:
@@ -106,7 +110,15 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> Prepared:
         if constant is None:
             defaults[name] = value
         else:
-            sql = sql.replace(f"%({name})s", constant)
+            constants[name] = constant
+
+    def inline(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return constants[name] if name in constants else match.group(0)
+
+    # One pass over the compiled text: a constant's own text (say "%%(x)s") is
+    # never searched again, and an escaped "%%" is left as it is.
+    sql = _PLACEHOLDER.sub(inline, compiled.string)
     processors = {
         name: process
         for name, process in getattr(compiled, "_bind_processors", {}).items()

@@ -167,10 +167,13 @@ def test_a_constant_is_quoted_and_escaped_for_psycopg(
     clean_db: Engine, one_connection: Engine
 ) -> None:
     statement = select(
-        literal("100% 'sure'").label("text"), bindparam("n", type_=Integer).label("n")
+        # A constant whose text looks like the placeholder of the next one.
+        literal("100% 'sure' %(param_2)s").label("text"),
+        literal("next").label("next"),
+        bindparam("n", type_=Integer).label("n"),
     )
     row = Database(one_connection).rows(statement, {"n": 5})[0]
-    assert (row.text, row.n) == ("100% 'sure'", 5)
+    assert (row.text, row.next, row.n) == ("100% 'sure' %(param_2)s", "next", 5)
 
 
 def test_a_failed_statement_leaves_the_connection_usable_and_out_of_autocommit(
@@ -250,3 +253,36 @@ def test_an_opt_out_of_prepared_statements_is_respected(
             assert (prepared_count(engine) > 0) is expected, connect_args
         finally:
             engine.dispose()
+
+
+def test_a_connection_goes_back_in_the_mode_it_came_in(clean_db: Engine, database_url: str) -> None:
+    """An engine whose connections are in autocommit (``connect_args``) gets them
+    back in autocommit."""
+    engine = create_engine(
+        database_url, pool_size=1, max_overflow=0, connect_args={"autocommit": True}
+    )
+    try:
+        Database(engine).rows(select(literal(1).label("one")), {})
+        raw = engine.raw_connection()
+        try:
+            assert raw.driver_connection.autocommit is True  # type: ignore[union-attr]
+        finally:
+            raw.close()
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_lost_in_the_callers_transaction_is_invalidated(
+    clean_db: Engine, one_connection: Engine
+) -> None:
+    """As SQLAlchemy would: the caller's rollback() then succeeds."""
+    db = Database(one_connection)
+    with one_connection.connect() as conn:
+        pid = int(conn.scalar(select(func.pg_backend_pid())) or 0)
+        with clean_db.connect() as observer:
+            observer.execute(select(func.pg_terminate_backend(pid)))
+        with pytest.raises(DBAPIError) as raised:
+            db.rows(select(literal(1)), {}, conn)
+        assert raised.value.connection_invalidated
+        assert conn.invalidated
+        conn.rollback()
