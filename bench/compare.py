@@ -76,7 +76,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, make_url,
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
-from absurd_sqla import Absurd, AsyncAbsurd, AsyncTaskContext, SpawnRequest, TaskContext, migrate
+from absurd_sqla import Absurd, AsyncAbsurd, SpawnRequest, migrate
 from absurd_sqla.localpg import LocalPostgres, find_bindir
 from absurd_sqla.models import tasks
 
@@ -96,6 +96,49 @@ BATCH = 100
 COUNT_TASKS = 100
 DEADLINE = 600.0
 T = TypeVar("T")
+
+
+# -- the workload: one handler body for both systems (their task APIs match) ------
+
+
+def three_steps(params: dict[str, Any], ctx: Any) -> int:
+    a = ctx.step("fetch", lambda: params["i"])
+    b = ctx.step("transform", lambda: a * 2)
+    return int(ctx.step("store", lambda: b + 1))
+
+
+async def three_steps_async(params: dict[str, Any], ctx: Any) -> int:
+    async def fetch() -> int:
+        return int(params["i"])
+
+    a = await ctx.step("fetch", fetch)
+
+    async def transform() -> int:
+        return a * 2
+
+    b = await ctx.step("transform", transform)
+
+    async def store() -> int:
+        return b + 1
+
+    return int(await ctx.step("store", store))
+
+
+def waiter(
+    suspending: threading.Semaphore, resumed: dict[str, float]
+) -> Callable[[dict[str, Any], Any], None]:
+    """A task that checkpoints a step, says it is about to suspend, awaits
+    ``params["event"]`` and records when it runs again."""
+
+    def wait(params: dict[str, Any], ctx: Any) -> None:
+        handle = ctx.begin_step("announce")
+        if not handle.done:
+            ctx.complete_step(handle, True)
+            suspending.release()  # about to suspend on the event
+        ctx.await_event(params["event"])
+        resumed[params["event"]] = time.perf_counter()
+
+    return wait
 
 
 # -- the server ----------------------------------------------------------------
@@ -325,22 +368,8 @@ class Original(Side):
             self.url, autocommit=True, cursor_factory=CountingCursor if counting else None
         )
         app = orig.Absurd(conn, queue_name=queue)
-
-        @app.register_task(TASK)
-        def three_steps(params: dict[str, Any], ctx: orig.TaskContext) -> int:
-            a = ctx.step("fetch", lambda: params["i"])
-            b = ctx.step("transform", lambda: a * 2)
-            return int(ctx.step("store", lambda: b + 1))
-
-        @app.register_task(WAITER)
-        def waiter(params: dict[str, Any], ctx: orig.TaskContext) -> None:
-            handle = ctx.begin_step("announce")
-            if not handle.done:
-                ctx.complete_step(handle, True)
-                self.suspending.release()  # about to suspend on the event
-            ctx.await_event(params["event"])
-            self.resumed[params["event"]] = time.perf_counter()
-
+        app.register_task(TASK)(three_steps)
+        app.register_task(WAITER)(waiter(self.suspending, self.resumed))
         return app
 
     @staticmethod
@@ -417,23 +446,7 @@ class Original(Side):
 
     def _start_async(self, queue: str, concurrency: int) -> Running:
         app = orig.AsyncAbsurd(self.url, queue_name=queue)
-
-        @app.register_task(TASK)
-        async def three_steps(params: dict[str, Any], ctx: orig.AsyncTaskContext) -> int:
-            async def fetch() -> int:
-                return int(params["i"])
-
-            a = await ctx.step("fetch", fetch)
-
-            async def transform() -> int:
-                return a * 2
-
-            b = await ctx.step("transform", transform)
-
-            async def store() -> int:
-                return b + 1
-
-            return int(await ctx.step("store", store))
+        app.register_task(TASK)(three_steps_async)
 
         future = self.loop.submit(
             app.start_worker(
@@ -534,49 +547,19 @@ class Ours(Side):
         self.app = Absurd(self.engine)
         self.resumed: dict[str, float] = {}
         self.suspending = threading.Semaphore(0)
-        self._register_sync()
         async_engine = create_async_engine(
             make_url(url).set(drivername="postgresql+psycopg_async"),
             pool_size=34,
             max_overflow=10,
         )
         self.async_app = AsyncAbsurd(async_engine)
-        self._register_async()
+        self._register()
         self._waiter: tuple[str, Running] | None = None
 
-    def _register_sync(self) -> None:
-        @self.app.register_task(TASK)
-        def three_steps(params: dict[str, Any], ctx: TaskContext) -> int:
-            a = ctx.step("fetch", lambda: params["i"])
-            b = ctx.step("transform", lambda: a * 2)
-            return int(ctx.step("store", lambda: b + 1))
-
-        @self.app.register_task(WAITER)
-        def waiter(params: dict[str, Any], ctx: TaskContext) -> None:
-            handle = ctx.begin_step("announce")
-            if not handle.done:
-                ctx.complete_step(handle, True)
-                self.suspending.release()  # about to suspend on the event
-            ctx.await_event(params["event"])
-            self.resumed[params["event"]] = time.perf_counter()
-
-    def _register_async(self) -> None:
-        @self.async_app.register_task(TASK)
-        async def three_steps(params: dict[str, Any], ctx: AsyncTaskContext) -> int:
-            async def fetch() -> int:
-                return int(params["i"])
-
-            a = await ctx.step("fetch", fetch)
-
-            async def transform() -> int:
-                return a * 2
-
-            b = await ctx.step("transform", transform)
-
-            async def store() -> int:
-                return b + 1
-
-            return int(await ctx.step("store", store))
+    def _register(self) -> None:
+        self.app.register_task(TASK)(three_steps)
+        self.app.register_task(WAITER)(waiter(self.suspending, self.resumed))
+        self.async_app.register_task(TASK)(three_steps_async)
 
     def fresh(self, prefix: str) -> str:
         queue = new_queue(prefix)
