@@ -277,6 +277,10 @@ class Executor:
         the same transaction (otherwise the single statement runs in autocommit).
         Retried on a lost connection (``Database.retrying``)."""
 
+        if not _children.is_child(run.headers):
+            with about(run):  # records of the retries name the run
+                return self.db.retrying(statement, params)
+
         def attempt() -> Record:
             with self.db.transaction() as conn:
                 row = conn.execute(statement, params).one()
@@ -284,9 +288,7 @@ class Executor:
                     _ops.announce_done(conn, run.task_id, run.queue_name, run.headers)
             return row
 
-        with about(run):  # records of the retries name the run
-            if not _children.is_child(run.headers):
-                return self.db.retrying(statement, params)
+        with about(run):
             return self.db.retrying(statement, params, attempt)
 
     def _fail(self, state: RunState, exc: BaseException) -> None:

@@ -279,6 +279,10 @@ class AsyncExecutor:
         the same transaction (otherwise the single statement runs in autocommit).
         Retried on a lost connection (``Database.retrying``)."""
 
+        if not _children.is_child(run.headers):
+            with about(run):  # records of the retries name the run
+                return await self.db.retrying(statement, params)
+
         async def attempt() -> Record:
             async with self.db.transaction() as conn:
                 row = (await conn.execute(statement, params)).one()
@@ -286,9 +290,7 @@ class AsyncExecutor:
                     await _ops_async.announce_done(conn, run.task_id, run.queue_name, run.headers)
             return row
 
-        with about(run):  # records of the retries name the run
-            if not _children.is_child(run.headers):
-                return await self.db.retrying(statement, params)
+        with about(run):
             return await self.db.retrying(statement, params, attempt)
 
     async def _fail(self, state: RunState, exc: BaseException) -> None:

@@ -154,22 +154,25 @@ existing_queues = select(queues.c.queue_name).where(
 
 # -- spawn -------------------------------------------------------------------
 
+# A spawned item's fields (``_core.spawn_row``): the columns of the JSON record
+# set a batch is unpacked from, and the bind parameters of a single spawn.
+_ITEM_FIELDS: tuple[tuple[str, Any], ...] = (
+    ("position", Integer),
+    ("task_id", UUID(as_uuid=True)),
+    ("run_id", UUID(as_uuid=True)),
+    ("task_name", Text),
+    ("params", JSONB),
+    ("headers", JSONB),
+    ("retry_strategy", JSONB),
+    ("max_attempts", Integer),
+    ("cancellation", JSONB),
+    ("idempotency_key", Text),
+    ("delay_seconds", Float),
+    ("run_after", TIMESTAMP(timezone=True)),
+)
 _recordset = (
     func.jsonb_to_recordset(json_param("items"))
-    .table_valued(
-        column("position", Integer),
-        column("task_id", UUID(as_uuid=True)),
-        column("run_id", UUID(as_uuid=True)),
-        column("task_name", Text),
-        column("params", JSONB),
-        column("headers", JSONB),
-        column("retry_strategy", JSONB),
-        column("max_attempts", Integer),
-        column("cancellation", JSONB),
-        column("idempotency_key", Text),
-        column("delay_seconds", Float),
-        column("run_after", TIMESTAMP(timezone=True)),
-    )
+    .table_valued(*(column(name, type_) for name, type_ in _ITEM_FIELDS))
     .render_derived(name="item", with_types=True)
 )
 _items = select(_recordset).cte("items")  # parsed once, read by both inserts
@@ -254,22 +257,22 @@ def _spawn_from(items: CTE) -> Select[Any]:
 
 spawn = _spawn_from(_items)
 
+
 # The same for one task, its fields as bind parameters (JSON ones as text):
 # no JSON record set to build and unpack for the common single spawn.
-_one_item = select(
-    literal(0, Integer).label("position"),
-    bindparam("task_id", type_=UUID(as_uuid=True)).label("task_id"),
-    bindparam("run_id", type_=UUID(as_uuid=True)).label("run_id"),
-    bindparam("task_name", type_=Text).label("task_name"),
-    json_param("params").label("params"),
-    json_param("headers").label("headers"),
-    json_param("retry_strategy").label("retry_strategy"),
-    bindparam("max_attempts", type_=Integer).label("max_attempts"),
-    json_param("cancellation").label("cancellation"),
-    bindparam("idempotency_key", type_=Text).label("idempotency_key"),
-    cast(bindparam("delay_seconds"), Float).label("delay_seconds"),
-    bindparam("run_after", type_=TIMESTAMP(timezone=True)).label("run_after"),
-).cte("items")
+def _item_param(name: str, type_: Any) -> ColumnElement[Any]:
+    """A single spawn's value of one item field (JSON arrives as text)."""
+    if name == "position":
+        return literal(0, Integer)  # the one item is the first
+    if type_ is JSONB:
+        return json_param(name)
+    if type_ is Float:
+        return cast(bindparam(name), Float)
+    return bindparam(name, type_=type_)
+
+
+_one_fields = [_item_param(name, type_).label(name) for name, type_ in _ITEM_FIELDS]
+_one_item = select(*_one_fields).cte("items")
 spawn_one = _spawn_from(_one_item)
 existing_by_key = select(
     tasks.c.idempotency_key, tasks.c.task_id, tasks.c.last_run_id, tasks.c.attempts

@@ -29,7 +29,6 @@ so callers and users catch the same exceptions on either path.
 from __future__ import annotations
 
 import re
-import threading
 from collections import namedtuple
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -75,7 +74,6 @@ Record: TypeAlias = Any
 
 _NOT_ELIGIBLE = Prepared("", {}, {})  # cached for statements that need SQLAlchemy's layer
 _cache: dict[tuple[int, type[Dialect]], tuple[ClauseElement, Prepared]] = {}
-_lock = threading.Lock()
 
 
 def _processes_results(type_: Any, dialect: Dialect) -> bool:
@@ -159,10 +157,10 @@ def prepared(statement: Executable, bind: Any) -> Prepared | None:
         return None
     key = (id(statement), type(dialect))
     found = _cache.get(key)
-    if found is None or found[0] is not statement:
-        with _lock:
-            found = (statement, _compile(statement, dialect))
-            _cache[key] = found  # the statement is kept alive, so its id stays its own
+    if found is None:
+        # Kept with its statement, whose id then stays its own. Two threads may
+        # both compile a statement the first time: the same result either way.
+        found = _cache[key] = (statement, _compile(statement, dialect))
     result = found[1]
     return None if result is _NOT_ELIGIBLE else result
 
