@@ -5,7 +5,6 @@ the task registry, and turning calls into statement parameters and back.
 from __future__ import annotations
 
 import inspect
-import json
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any
 
 from . import _children, _core
 from ._core import SpawnRequest, SpawnResult, TaskDefaults, TaskResultSnapshot
-from ._sql import channel_for
+from ._sql import SPAWN_FIELDS, channel_for
 from .errors import (
     InvalidArgument,
     QueueMismatch,
@@ -109,25 +108,15 @@ class SpawnBatch:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {
-            "queue": self.queue,
-            "items": json.dumps(self.rows, separators=(",", ":")),
-            "channel": channel_for(self.queue),
-        }
+        """The parameters of ``_sql.spawn``: each field an array, one value per row."""
+        columns = {name: [row[name] for row in self.rows] for name in SPAWN_FIELDS}
+        return {**columns, "queue": self.queue, "channel": channel_for(self.queue)}
 
     @property
     def one_params(self) -> dict[str, Any]:
-        """The parameters of ``spawn_one`` for a batch of one row."""
+        """The parameters of ``_sql.spawn_one`` for a batch of one row."""
         (row,) = self.rows
-        return {
-            **row,
-            "queue": self.queue,
-            "channel": channel_for(self.queue),
-            **{
-                name: None if row[name] is None else json.dumps(row[name], separators=(",", ":"))
-                for name in ("params", "headers", "retry_strategy", "cancellation")
-            },
-        }
+        return {**row, "queue": self.queue, "channel": channel_for(self.queue)}
 
     @property
     def keys(self) -> list[str]:
@@ -231,7 +220,7 @@ class AppCore:
             _core.check_name("task name", request.task_name)
             defaults = self.defaults_for(request.task_name, request.queue)
             batch = grouped.setdefault(defaults.queue, SpawnBatch(defaults.queue, [], []))
-            batch.rows.append(_core.spawn_row(request, defaults, position))
+            batch.rows.append(_core.spawn_row(request, defaults))
             batch.positions.append(position)
         # Queue order, like key order inside a batch: a fixed lock order.
         return [grouped[queue] for queue in sorted(grouped)]
@@ -253,7 +242,7 @@ class AppCore:
         by_key = {row.idempotency_key: row for row in existing}
         results: list[tuple[int, SpawnResult]] = []
         for position, row in zip(batch.positions, batch.rows, strict=True):
-            task_id = uuid.UUID(row["task_id"])
+            task_id = row["task_id"]
             if task_id in created:
                 results.append((position, SpawnResult(task_id, created[task_id], 1, True)))
                 continue

@@ -391,44 +391,47 @@ class TaskDefaults:
     retry_strategy: Mapping[str, Any] | None = None
 
 
-def spawn_row(request: SpawnRequest, defaults: TaskDefaults, position: int = 0) -> dict[str, Any]:
-    """Validate one request into the JSON record the spawn statement unpacks."""
+def spawn_row(request: SpawnRequest, defaults: TaskDefaults) -> dict[str, Any]:
+    """Validate one request into the values of the spawn statement's fields
+    (``_sql.SPAWN_FIELDS``): fresh ids, and JSON encoded once, as text."""
     check_name("task name", request.task_name)
-    encode_json("params", request.params)
+    params = None if request.params is None else encode_json("params", request.params)
     if request.headers is not None and not isinstance(request.headers, Mapping):
         raise InvalidArgument(f"headers must be a dict, got {show(request.headers)}")
-    encode_json("headers", request.headers)
+    headers = None if request.headers is None else encode_json("headers", request.headers)
     if request.idempotency_key is not None:
         check_name("idempotency_key", request.idempotency_key)
     max_attempts = check_max_attempts(request.max_attempts)
-    run_after_at: str | None = None
+    run_after_at: datetime | None = None
     delay: float | None = None
     if isinstance(request.run_after, datetime):
-        run_after_at = check_aware("run_after", request.run_after).isoformat()
+        run_after_at = check_aware("run_after", request.run_after)
     else:
         delay = check_seconds("run_after", request.run_after)
     cancellation = check_cancellation(
         request.cancellation if request.cancellation is not None else defaults.cancellation
     )
-    task_id, run_id = uuid7(), uuid7()
+    retry_strategy = check_retry_strategy(
+        request.retry_strategy if request.retry_strategy is not None else defaults.retry_strategy
+    )
     return {
-        "position": position,
-        "task_id": str(task_id),
-        "run_id": str(run_id),
+        "task_id": uuid7(),
+        "run_id": uuid7(),
         "task_name": request.task_name,
-        "params": request.params,
-        "headers": dict(request.headers) if request.headers is not None else None,
-        "retry_strategy": check_retry_strategy(
-            request.retry_strategy
-            if request.retry_strategy is not None
-            else defaults.retry_strategy
-        ),
+        "params": params,
+        "headers": headers,
+        "retry_strategy": _encoded(retry_strategy),
         "max_attempts": max_attempts if max_attempts is not None else defaults.max_attempts,
-        "cancellation": cancellation,
+        "cancellation": _encoded(cancellation),
         "idempotency_key": request.idempotency_key,
         "delay_seconds": delay,
         "run_after": run_after_at,
     }
+
+
+def _encoded(policy: Mapping[str, Any] | None) -> str | None:
+    """A policy ``check_*`` has validated (plain JSON values), as JSON text."""
+    return None if policy is None else json.dumps(policy, separators=(",", ":"))
 
 
 # -- results ---------------------------------------------------------------

@@ -22,7 +22,9 @@ from .errors import QueueNotFound, TaskNotFound, TaskStateError
 from .models import TERMINAL_STATES
 
 
-def spawn_many(conn: Connection, core: AppCore, batches: Sequence[SpawnBatch]) -> list[SpawnResult]:
+def spawn_many(
+    db: Database, conn: Connection, core: AppCore, batches: Sequence[SpawnBatch]
+) -> list[SpawnResult]:
     """Spawn validated batches (``AppCore.spawn_batches``): one statement per
     queue; results in request order."""
     results: list[tuple[int, SpawnResult]] = []
@@ -31,12 +33,11 @@ def spawn_many(conn: Connection, core: AppCore, batches: Sequence[SpawnBatch]) -
         found = conn.scalars(_sql.existing_queues, {"queues": [b.queue for b in batches]})
         core.check_queues_exist(batches, found)
     for batch in batches:
-        inserted = conn.execute(_sql.spawn, batch.params).all()
+        inserted = db.rows(_sql.spawn, batch.params, conn)
         existing: Sequence[Any] = ()
         if len(inserted) < len(batch.rows) and batch.keys:
-            existing = (
-                conn.execute(_sql.existing_by_keys, {"queue": batch.queue, "keys": batch.keys})
-            ).all()
+            params = {"queue": batch.queue, "keys": batch.keys}
+            existing = db.rows(_sql.existing_by_keys, params, conn)
         results += core.spawn_results(batch, inserted, existing)
     return [result for _, result in sorted(results, key=lambda pair: pair[0])]
 

@@ -22,7 +22,7 @@ from .models import TERMINAL_STATES
 
 
 async def spawn_many(
-    conn: AsyncConnection, core: AppCore, batches: Sequence[SpawnBatch]
+    db: AsyncDatabase, conn: AsyncConnection, core: AppCore, batches: Sequence[SpawnBatch]
 ) -> list[SpawnResult]:
     """Spawn validated batches (``AppCore.spawn_batches``): one statement per
     queue; results in request order."""
@@ -32,14 +32,11 @@ async def spawn_many(
         found = await conn.scalars(_sql.existing_queues, {"queues": [b.queue for b in batches]})
         core.check_queues_exist(batches, found)
     for batch in batches:
-        inserted = (await conn.execute(_sql.spawn, batch.params)).all()
+        inserted = await db.rows(_sql.spawn, batch.params, conn)
         existing: Sequence[Any] = ()
         if len(inserted) < len(batch.rows) and batch.keys:
-            existing = (
-                await conn.execute(
-                    _sql.existing_by_keys, {"queue": batch.queue, "keys": batch.keys}
-                )
-            ).all()
+            params = {"queue": batch.queue, "keys": batch.keys}
+            existing = await db.rows(_sql.existing_by_keys, params, conn)
         results += core.spawn_results(batch, inserted, existing)
     return [result for _, result in sorted(results, key=lambda pair: pair[0])]
 

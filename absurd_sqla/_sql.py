@@ -15,6 +15,7 @@ from sqlalchemy import (
     Float,
     Integer,
     Text,
+    any_,
     bindparam,
     case,
     cast,
@@ -64,6 +65,14 @@ def state_in(column: ColumnElement[str], *states: str) -> ColumnElement[bool]:
 def json_param(name: str) -> ColumnElement[object]:
     """A bind parameter carrying JSON text, cast to jsonb."""
     return cast(bindparam(name, type_=Text), JSONB)
+
+
+def array_param(name: str, item_type: Any) -> ColumnElement[Any]:
+    """A bind parameter carrying a list, as an array of ``item_type``. JSON
+    items arrive as text (an array of text, cast). ``_wire`` sends array
+    parameters in binary: no quoting and escaping of each item."""
+    sent = Text if item_type is JSONB else item_type
+    return cast(bindparam(name, type_=ARRAY(sent)), ARRAY(item_type))
 
 
 ONE_SECOND: ColumnElement[object] = literal_column("interval '1 second'")
@@ -154,10 +163,10 @@ existing_queues = select(queues.c.queue_name).where(
 
 # -- spawn -------------------------------------------------------------------
 
-# A spawned item's fields (``_core.spawn_row``): the columns of the JSON record
-# set a batch is unpacked from, and the bind parameters of a single spawn.
+# A spawned item's fields (``_core.spawn_row``), each a bind parameter of the
+# same name: a value for a single spawn, an array of values (one per task) for
+# a batch, which ``unnest`` turns back into rows. JSON arrives as text.
 _ITEM_FIELDS: tuple[tuple[str, Any], ...] = (
-    ("position", Integer),
     ("task_id", UUID(as_uuid=True)),
     ("run_id", UUID(as_uuid=True)),
     ("task_name", Text),
@@ -170,12 +179,15 @@ _ITEM_FIELDS: tuple[tuple[str, Any], ...] = (
     ("delay_seconds", Float),
     ("run_after", TIMESTAMP(timezone=True)),
 )
-_recordset = (
-    func.jsonb_to_recordset(json_param("items"))
-    .table_valued(*(column(name, type_) for name, type_ in _ITEM_FIELDS))
-    .render_derived(name="item", with_types=True)
+SPAWN_FIELDS = tuple(name for name, _ in _ITEM_FIELDS)
+_unnested = (
+    func.unnest(*(array_param(name, type_) for name, type_ in _ITEM_FIELDS))
+    .table_valued(
+        *(column(name, type_) for name, type_ in _ITEM_FIELDS), with_ordinality="position"
+    )
+    .render_derived(name="item")
 )
-_items = select(_recordset).cte("items")  # parsed once, read by both inserts
+_items = select(_unnested).cte("items")  # unpacked once, read by both inserts
 
 
 def _due_at(items: CTE) -> ColumnElement[datetime]:
@@ -190,7 +202,7 @@ _queue_row = select(queues.c.queue_name).where(queues.c.queue_name == q_param).c
 
 def _spawn_from(items: CTE) -> Select[Any]:
     """Insert a task and its first run for each row of ``items`` (the columns
-    of ``_recordset``) into the queue ``:queue``, unless its idempotency key is
+    of ``_ITEM_FIELDS`` and a ``position``) into the queue ``:queue``, unless its idempotency key is
     taken; select each new (task_id, run_id) and notify the queue's workers."""
     inserted_tasks = (
         pg_insert(tasks)
@@ -258,12 +270,9 @@ def _spawn_from(items: CTE) -> Select[Any]:
 spawn = _spawn_from(_items)
 
 
-# The same for one task, its fields as bind parameters (JSON ones as text):
-# no JSON record set to build and unpack for the common single spawn.
+# The same for one task, its fields as plain bind parameters.
 def _item_param(name: str, type_: Any) -> ColumnElement[Any]:
     """A single spawn's value of one item field (JSON arrives as text)."""
-    if name == "position":
-        return literal(0, Integer)  # the one item is the first
     if type_ is JSONB:
         return json_param(name)
     if type_ is Float:
@@ -271,7 +280,9 @@ def _item_param(name: str, type_: Any) -> ColumnElement[Any]:
     return bindparam(name, type_=type_)
 
 
-_one_fields = [_item_param(name, type_).label(name) for name, type_ in _ITEM_FIELDS]
+_one_fields = [literal(1, Integer).label("position")] + [
+    _item_param(name, type_).label(name) for name, type_ in _ITEM_FIELDS
+]
 _one_item = select(*_one_fields).cte("items")
 spawn_one = _spawn_from(_one_item)
 existing_by_key = select(
@@ -282,7 +293,7 @@ existing_by_keys = select(
     tasks.c.idempotency_key, tasks.c.task_id, tasks.c.last_run_id, tasks.c.attempts
 ).where(
     tasks.c.queue_name == q_param,
-    tasks.c.idempotency_key.in_(bindparam("keys", expanding=True)),
+    tasks.c.idempotency_key == any_(array_param("keys", Text)),
 )
 
 # -- events ------------------------------------------------------------------

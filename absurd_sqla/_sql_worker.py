@@ -35,7 +35,7 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TIMESTAMP, UUID
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql import Executable
 from sqlalchemy.sql.elements import ColumnElement
@@ -44,6 +44,7 @@ from sqlalchemy.sql.selectable import CTE, Select
 from ._sql import (
     NOW,
     ONE_SECOND,
+    array_param,
     count_of,
     delete_waits_of,
     insert_checkpoints,
@@ -256,10 +257,10 @@ write_checkpoint = select(
 # Each row is fenced on its own, exactly as ``write_checkpoint``.
 _group = (
     func.unnest(
-        cast(bindparam("runs"), ARRAY(UUID(as_uuid=True))),
-        cast(bindparam("steps"), ARRAY(Text)),
-        cast(bindparam("values"), ARRAY(Text)),
-        cast(bindparam("timeouts"), ARRAY(Float)),
+        array_param("runs", UUID(as_uuid=True)),
+        array_param("steps", Text),
+        array_param("values", Text),
+        array_param("timeouts", Float),
     )
     .table_valued(
         column("run_id", UUID(as_uuid=True)),

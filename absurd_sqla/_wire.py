@@ -38,7 +38,7 @@ import psycopg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect
 from sqlalchemy.pool import PoolProxiedConnection
-from sqlalchemy.sql import ClauseElement, Executable
+from sqlalchemy.sql import ClauseElement, Executable, sqltypes
 from sqlalchemy.util import greenlet_spawn
 
 
@@ -110,9 +110,15 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> Prepared:
         else:
             constants[name] = constant
 
+    # A list travels best in binary: psycopg's text format quotes and escapes
+    # every item in Python.
+    arrays = {name for name, bind in binds.items() if isinstance(bind.type, sqltypes.ARRAY)}
+
     def inline(match: re.Match[str]) -> str:
         name = match.group(1)
-        return constants[name] if name in constants else match.group(0)
+        if name in constants:
+            return constants[name]
+        return f"%({name})b" if name in arrays else match.group(0)
 
     # One pass over the compiled text: a constant's own text (say "%%(x)s") is
     # never searched again, and an escaped "%%" is left as it is.
@@ -120,7 +126,7 @@ def _compile(statement: ClauseElement, dialect: Dialect) -> Prepared:
     processors = {
         name: process
         for name, process in getattr(compiled, "_bind_processors", {}).items()
-        if f"%({name})s" in sql
+        if f"%({name})s" in sql or f"%({name})b" in sql
     }
     return Prepared(sql, defaults, processors)
 

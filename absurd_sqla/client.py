@@ -175,7 +175,7 @@ class Absurd:
                 return [_ops.spawn_one(self._db, conn, self._core, batches[0])]
         # One queue is one statement: atomic on its own (the key lookup only reads).
         with self._db.joined(session, atomic=len(batches) > 1) as conn:
-            return _ops.spawn_many(conn, self._core, batches)
+            return _ops.spawn_many(self._db, conn, self._core, batches)
 
     def cancel_task(
         self,

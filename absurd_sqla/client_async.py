@@ -176,7 +176,7 @@ class AsyncAbsurd:
                 return [await _ops_async.spawn_one(self._db, conn, self._core, batches[0])]
         # One queue is one statement: atomic on its own (the key lookup only reads).
         async with self._db.joined(session, atomic=len(batches) > 1) as conn:
-            return await _ops_async.spawn_many(conn, self._core, batches)
+            return await _ops_async.spawn_many(self._db, conn, self._core, batches)
 
     async def cancel_task(
         self,

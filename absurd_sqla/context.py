@@ -207,7 +207,7 @@ class TaskContext:
         )
         batches = self._core.spawn_batches([SpawnRequest(task_name, params, **options)])
         with self._db.transaction() as conn:
-            (result,) = _ops.spawn_many(conn, self._core, batches)
+            (result,) = _ops.spawn_many(self._db, conn, self._core, batches)
             value = _children.spawn_checkpoint(result)
             row = (
                 conn.execute(sqlw.write_checkpoint, self._state.checkpoint_params(handle, value))

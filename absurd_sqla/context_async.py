@@ -209,7 +209,7 @@ class AsyncTaskContext:
         )
         batches = self._core.spawn_batches([SpawnRequest(task_name, params, **options)])
         async with self._db.transaction() as conn:
-            (result,) = await _ops_async.spawn_many(conn, self._core, batches)
+            (result,) = await _ops_async.spawn_many(self._db, conn, self._core, batches)
             value = _children.spawn_checkpoint(result)
             row = (
                 await conn.execute(

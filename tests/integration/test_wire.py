@@ -6,15 +6,19 @@ off, and that a pooled connection comes back from it exactly as it went out
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from sqlalchemy import (
     Engine,
+    Float,
     Integer,
+    Text,
     bindparam,
     cast,
+    column,
     create_engine,
     event,
     func,
@@ -22,6 +26,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
@@ -46,6 +51,9 @@ HOT = {
     "defer_run": sqlw.defer_run,
     "spawn_one": sql.spawn_one,
     "existing_by_key": sql.existing_by_key,
+    "spawn": sql.spawn,
+    "existing_by_keys": sql.existing_by_keys,
+    "write_checkpoints": sqlw.write_checkpoints,
     "task_identity": sql.task_identity,
 }
 # ... and what a retried write reads to tell its own landed change from a lost lease.
@@ -67,6 +75,7 @@ def test_a_statement_that_needs_sqlalchemy_does_not(engine: Engine) -> None:
     # An expanding IN list is rendered by SQLAlchemy at execution time; a
     # numeric result is converted by SQLAlchemy according to its type code.
     assert _wire.prepared(sql.existing_queues, engine) is None
+    assert _wire.prepared(sql.list_queues, engine) is not None
     assert _wire.prepared(select(literal(1) / literal(3)), engine) is None
 
 
@@ -174,6 +183,35 @@ def test_a_constant_is_quoted_and_escaped_for_psycopg(
     )
     row = Database(one_connection).rows(statement, {"n": 5})[0]
     assert (row.text, row.next, row.n) == ("100% 'sure' %(param_2)s", "next", 5)
+
+
+@pytest.mark.parametrize(
+    ("item_type", "values"),
+    [
+        (Text, ['a "quoted", {braced} \\ back\\slashed', None, "", "NULL", "ü ß"]),
+        (Text, [None, None]),  # no item to tell psycopg the type: the cast does
+        (JSONB, ['{"a": "{x}, \\"y\\""}', None, "[1, 2.5]"]),
+        (Integer, [1, None, 2**31 - 1]),
+        (Float, [0.5, None, -1e300]),
+    ],
+)
+def test_a_list_travels_as_a_binary_array(
+    clean_db: Engine, one_connection: Engine, item_type: Any, values: list[Any]
+) -> None:
+    statement = select(
+        func.unnest(sql.array_param("values", item_type))
+        # An untyped column: psycopg's own loaders read the values.
+        .table_valued(column("value"), with_ordinality="position")
+        .render_derived(name="item")
+    )
+    prepared = _wire.prepared(statement, one_connection)
+    assert prepared is not None and "%(values)b" in prepared.sql  # binary, no text quoting
+    rows = Database(one_connection).rows(statement, {"values": values})
+    expected = (
+        values if item_type is not JSONB else [None if v is None else json.loads(v) for v in values]
+    )
+    assert [row.value for row in rows] == expected
+    assert [row.position for row in rows] == list(range(1, len(values) + 1))
 
 
 def test_a_failed_statement_leaves_the_connection_usable_and_out_of_autocommit(

@@ -3,7 +3,6 @@ batches, task-id parameters and the checks on what statements return."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -57,8 +56,10 @@ def test_spawn_batches_group_by_queue_in_a_fixed_order_and_keep_positions() -> N
         ("b", [0]),
         ("default", [1]),
     ]
-    items = json.loads(batches[1].params["items"])
-    assert items[0]["task_name"] == "b-task" and batches[1].params["channel"] == "absurd.b"
+    params = batches[1].params
+    assert params["task_name"] == ["b-task"] and params["channel"] == "absurd.b"
+    assert params["params"] == ["1"] and params["queue"] == "b"
+    assert params["task_id"] == [batches[1].rows[0]["task_id"]]
 
 
 def test_spawn_batches_apply_the_before_spawn_hook_and_validate_everything_first() -> None:
@@ -70,7 +71,7 @@ def test_spawn_batches_apply_the_before_spawn_hook_and_validate_everything_first
 
     core = AppCore(hooks=Hooks(before_spawn=hook))
     (batch,) = core.spawn_batches([SpawnRequest("a"), SpawnRequest("b")])
-    assert seen == ["a", "b"] and batch.rows[1]["headers"] == {"traced": True}
+    assert seen == ["a", "b"] and batch.rows[1]["headers"] == '{"traced":true}'
     with pytest.raises(InvalidArgument):
         core.spawn_batches([SpawnRequest("ok"), "not a request"])  # type: ignore[list-item]
 
