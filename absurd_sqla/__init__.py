@@ -3,6 +3,7 @@
 from ._app import Hooks
 from ._core import SpawnRequest, SpawnResult, TaskResultSnapshot, uuid7
 from ._current import get_current_context
+from ._engine import discard_closed_connections
 from ._inspect import (
     CheckpointInfo,
     ChildInfo,
@@ -76,6 +77,7 @@ __all__ = [
     "TimeoutError",
     "WaitInfo",
     "WaitingTask",
+    "discard_closed_connections",
     "get_current_context",
     "metadata",
     "uuid7",

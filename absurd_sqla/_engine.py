@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
 from typing import Any
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -14,6 +16,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 DEFAULT_URL = "postgresql://localhost/absurd"
 
@@ -42,10 +45,49 @@ def normalize_url(url: str | URL, *, driver: str = "psycopg") -> URL:
     return parsed
 
 
+def discard_closed_connections(engine: Engine | AsyncEngine) -> None:
+    """Before the pool hands out one of ``engine``'s connections, look whether
+    the server closed it (or said anything at all) while it sat idle, and if
+    so replace it with a new one.
+
+    The look is a non-blocking poll of the connection's socket, not a round
+    trip: ``pool_pre_ping=True`` sends a statement and waits for its answer on
+    every checkout, which for a single-statement write doubles the round trips.
+    A backend that is terminated, or a server that restarts or shuts down,
+    closes the socket (after a FATAL message), which the poll sees. A link that
+    dies without a word (a dropped NAT entry) shows nothing until a statement
+    is sent; ``pool_recycle`` covers that. Idempotent; engines absurd_sqla
+    makes from a URL have it.
+    """
+    target = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    if not event.contains(target, "checkout", _refuse_closed):
+        event.listen(target, "checkout", _refuse_closed)
+
+
+def _refuse_closed(
+    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+) -> None:
+    """A ``checkout`` listener: SQLAlchemy's pool replaces a connection whose
+    checkout raises ``DisconnectionError`` (and tries the next one)."""
+    driver = record.driver_connection
+    if driver is None or driver.closed or _readable(driver.fileno()):
+        raise sa_exc.DisconnectionError("the server closed this connection while it was idle")
+
+
+def _readable(fd: int) -> bool:
+    """Data (or end of file, or an error) waiting on ``fd``, found without waiting."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])  # no poll() (Windows)
+
+
 def engine_and_sessions(bind: Bind, **engine_kw: Any) -> tuple[Engine, sessionmaker[Session]]:
     """The Engine and Session factory of ``bind``. ``engine_kw`` configure an
-    engine made here from a URL; an Engine or sessionmaker passed in is used
-    as it is (its pool settings, ``pool_pre_ping`` included, are the caller's)."""
+    engine made here from a URL (which also gets ``discard_closed_connections``);
+    an Engine or sessionmaker passed in is used as it is (its pool settings are
+    the caller's)."""
     if bind is None:
         bind = default_url()
     if isinstance(bind, AsyncEngine | async_sessionmaker):
@@ -59,6 +101,7 @@ def engine_and_sessions(bind: Bind, **engine_kw: Any) -> tuple[Engine, sessionma
         return bind, sessionmaker(bind)
     if isinstance(bind, str | URL):
         engine = create_engine(normalize_url(bind), **engine_kw)
+        discard_closed_connections(engine)
         return engine, sessionmaker(engine)
     raise TypeError(f"bind must be a URL, an Engine or a sessionmaker, not {type(bind).__name__}")
 
@@ -83,6 +126,7 @@ def async_engine_and_sessions(
         raise TypeError("AsyncAbsurd needs an AsyncEngine or async_sessionmaker; use Absurd")
     if isinstance(bind, str | URL):
         engine = create_async_engine(normalize_url(bind, driver="psycopg_async"), **engine_kw)
+        discard_closed_connections(engine)
         return engine, async_sessionmaker(engine, expire_on_commit=False)
     raise TypeError(
         f"bind must be a URL, an AsyncEngine or an async_sessionmaker, not {type(bind).__name__}"

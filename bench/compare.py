@@ -22,9 +22,9 @@ ours / original for rates, original / ours for latencies (> 1 = ours better).
   ``with conn.transaction():``).
 * tasks/s: ``--tasks`` tasks of three checkpointed steps, spawned up front
   (untimed); one worker starts and the clock stops when a count of completed
-  tasks in the database reaches the total. ``start_worker`` (threads) at
-  concurrency 1, 8, 16; the asyncio clients at 8 and 32; a ``work_batch(100)``
-  loop in the calling thread. ``poll_interval`` 0.05 s for both.
+  tasks in the database reaches the total. ``start_worker`` (threads) and the
+  asyncio clients' ``start_worker``, each at concurrency 1, 8, 16 and 32; a
+  ``work_batch(100)`` loop in the calling thread. ``poll_interval`` 0.05 s for both.
 * wake-up: a task suspends in ``await_event``; the clock runs from the
   ``emit_event`` call (which commits) to the handler running again. Both sync
   workers at their default ``poll_interval`` (0.25 s): the original's worker
@@ -93,6 +93,7 @@ WAKE_POLL = 0.25  # both SDKs' default poll_interval
 # suspension (which would land it just after an empty claim: a full interval).
 PHASE = random.Random(20261203)
 BATCH = 100
+CONCURRENCY = (1, 8, 16, 32)  # of each worker, the thread one and the asyncio one
 COUNT_TASKS = 100
 DEADLINE = 600.0
 T = TypeVar("T")
@@ -970,11 +971,8 @@ def run_all(
     workers = [
         (kind, c, Figure(f"{label} c={c}, 3-step tasks (N={n_tasks})", "tasks/s"))
         for kind, label, c in [
-            ("sync", "start_worker", 1),
-            ("sync", "start_worker", 8),
-            ("sync", "start_worker", 16),
-            ("async", "AsyncAbsurd.start_worker", 8),
-            ("async", "AsyncAbsurd.start_worker", 32),
+            *(("sync", "start_worker", c) for c in CONCURRENCY),
+            *(("async", "AsyncAbsurd.start_worker", c) for c in CONCURRENCY),
         ]
     ]
     batch = Figure(f"work_batch({BATCH}) loop, 3-step tasks (N={n_tasks})", "tasks/s")

@@ -75,10 +75,10 @@ def terminate(observer: Engine, pids: list[int]) -> None:
 def test_an_idle_pooled_connection_that_died_costs_no_attempt(
     url_app: Absurd, clean_db: Engine
 ) -> None:
-    """An engine absurd_sqla builds from a URL pings a pooled connection before
-    handing it out: one that died while idle is replaced, not handed to a task.
-    ``transaction_step`` is not retried on a lost connection, so only the ping
-    can save this ``max_attempts=1`` task."""
+    """An engine absurd_sqla builds from a URL looks at a pooled connection
+    before handing it out: one that died while idle is replaced, not handed to
+    a task. ``transaction_step`` is not retried on a lost connection, so only
+    that look can save this ``max_attempts=1`` task."""
     killed: list[int] = []
 
     @url_app.register_task("innocent", max_attempts=1)
