@@ -76,7 +76,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, make_url,
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
 
-from absurd_sqla import Absurd, AsyncAbsurd, SpawnRequest, migrate
+from absurd_sqla import Absurd, AsyncAbsurd, SpawnRequest, discard_closed_connections, migrate
 from absurd_sqla.localpg import LocalPostgres, find_bindir
 from absurd_sqla.models import tasks
 
@@ -545,6 +545,7 @@ class Ours(Side):
         self.engine = create_engine(
             make_url(url).set(drivername="postgresql+psycopg"), pool_size=20, max_overflow=10
         )
+        discard_closed_connections(self.engine)  # as an engine made from a URL has
         self.app = Absurd(self.engine)
         self.resumed: dict[str, float] = {}
         self.suspending = threading.Semaphore(0)
@@ -553,6 +554,7 @@ class Ours(Side):
             pool_size=34,
             max_overflow=10,
         )
+        discard_closed_connections(async_engine)
         self.async_app = AsyncAbsurd(async_engine)
         self._register()
         self._waiter: tuple[str, Running] | None = None
