@@ -163,31 +163,42 @@ def _migrate(args: argparse.Namespace) -> int:
     url = _url(args)
     action = "downgrade" if args.downgrade else args.action
     if action == "current":
-        engine = create_engine(normalize_url(url), poolclass=NullPool)
-        try:
-            status = migrate.schema_status(engine)
-        finally:
-            engine.dispose()
-        if args.json:
-            data = {**_render.plain(status), "current": status.is_current}
-            print(_render.as_json({**data, "message": status.message()}))
-        else:
-            print(status.message())
+        status = _schema_status(url)
+        _print_status(args, status)
         return 0 if status.is_current else EXIT_DATABASE
     if not args.sql:
         configure_logging("INFO", "text")
     if action == "upgrade":
         migrate.upgrade(url, args.revision or "absurd@head", sql=args.sql)
-        return 0
-    if not (args.yes or args.sql):
-        raise _Failed(
-            "downgrading to absurd@base drops the absurd schema and every task in it: "
-            "run again with --yes (or --sql to review the SQL)",
-            EXIT_USAGE,
-        )
-    target = args.revision or "absurd@base"
-    migrate.downgrade(url, f"absurd@head:{target}" if args.sql else target, sql=args.sql)
+    else:
+        if not (args.yes or args.sql):
+            raise _Failed(
+                "downgrading to absurd@base drops the absurd schema and every task in it: "
+                "run again with --yes (or --sql to review the SQL)",
+                EXIT_USAGE,
+            )
+        target = args.revision or "absurd@base"
+        migrate.downgrade(url, f"absurd@head:{target}" if args.sql else target, sql=args.sql)
+    if args.json and not args.sql:
+        # What the schema is now, as ``migrate current --json`` reports it.
+        _print_status(args, _schema_status(url))
     return 0
+
+
+def _schema_status(url: str) -> migrate.SchemaStatus:
+    engine = create_engine(normalize_url(url), poolclass=NullPool)
+    try:
+        return migrate.schema_status(engine)
+    finally:
+        engine.dispose()
+
+
+def _print_status(args: argparse.Namespace, status: migrate.SchemaStatus) -> None:
+    if args.json:
+        data = {**_render.plain(status), "current": status.is_current}
+        print(_render.as_json({**data, "message": status.message()}))
+    else:
+        print(status.message())
 
 
 def _operate(args: argparse.Namespace) -> int:

@@ -48,6 +48,18 @@ def test_migrate_current_up_and_down(fresh_database: str) -> None:
     engine.dispose()
 
 
+def test_migrate_with_json_reports_the_schema_it_left(fresh_database: str) -> None:
+    env = {"ABSURD_DATABASE_URL": fresh_database}
+    up = run_cli("migrate", "upgrade", "--json", env=env)
+    assert up.returncode == 0, up.stderr
+    status = json.loads(up.stdout)  # stdout is the one JSON object; logs go to stderr
+    assert status["current"] is True and status["revisions"] == [status["head"]]
+    down = run_cli("migrate", "downgrade", "--yes", "--json", env=env)
+    assert down.returncode == 0, down.stderr
+    status = json.loads(down.stdout)
+    assert status["current"] is False and status["revisions"] == []
+
+
 def test_migrate_sql_prints_the_ddl_and_changes_nothing(fresh_database: str) -> None:
     done = run_cli("migrate", "--sql", "--database-url", fresh_database)
     assert done.returncode == 0, done.stderr
