@@ -66,10 +66,10 @@ class Database:
 
     def __init__(self, bind: Bind) -> None:
         # A URL bind gets a pool big enough for a worker with a few handlers, whose
-        # connections are looked at on checkout: one the server closed while it
-        # was idle (a restart, a terminated backend) is replaced rather than
-        # handed to a task, whose write would fail on it. No ping: a round trip
-        # per checkout would double those of a single-statement write.
+        # connections are checked on checkout (``discard_closed_connections``):
+        # one that died while idle (a restart, a terminated backend, a proxy's
+        # idle timeout) is replaced rather than handed to a task, whose write
+        # would fail on it; a busy connection is not pinged.
         self.engine, self.session_factory = engine_and_sessions(bind, pool_size=10, max_overflow=20)
         refuse_autocommit(self.engine, self.session_factory)
         # Single statements are atomic alone: run them without BEGIN/COMMIT,

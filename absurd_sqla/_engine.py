@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import select
+import time
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -16,7 +19,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
 
 DEFAULT_URL = "postgresql://localhost/absurd"
 
@@ -45,33 +48,59 @@ def normalize_url(url: str | URL, *, driver: str = "psycopg") -> URL:
     return parsed
 
 
-def discard_closed_connections(engine: Engine | AsyncEngine) -> None:
-    """Before the pool hands out one of ``engine``'s connections, look whether
-    the server closed it (or said anything at all) while it sat idle, and if
-    so replace it with a new one.
+PING_AFTER = 10.0  # seconds a pooled connection may sit idle before it is pinged on checkout
+_IDLE_SINCE = "absurd_sqla.idle_since"  # in a pool entry's ``info``: when it was checked in
 
-    The look is a non-blocking poll of the connection's socket, not a round
-    trip: ``pool_pre_ping=True`` sends a statement and waits for its answer on
-    every checkout, which for a single-statement write doubles the round trips.
-    A backend that is terminated, or a server that restarts or shuts down,
-    closes the socket (after a FATAL message), which the poll sees. A link that
-    dies without a word (a dropped NAT entry) shows nothing until a statement
-    is sent; ``pool_recycle`` covers that. Idempotent; engines absurd_sqla
-    makes from a URL have it.
+
+def discard_closed_connections(
+    engine: Engine | AsyncEngine, *, ping_after: float = PING_AFTER
+) -> None:
+    """Before the pool hands out one of ``engine``'s connections, make sure it
+    still works, and replace it with a new one if not, cheaply:
+
+    * always, a look at its socket (a non-blocking poll, not a round trip): a
+      backend that was terminated, or a server that restarted or shut down,
+      has closed it (after a FATAL message), and the poll sees that;
+    * a ping (one round trip, as ``pool_pre_ping=True`` sends on every
+      checkout) only for a connection that sat idle in the pool longer than
+      ``ping_after`` seconds: a link that died without a word (a firewall, NAT
+      gateway or load balancer that forgets idle connections) shows nothing
+      until something is sent.
+
+    So a busy pool, whose connections come back within milliseconds (every
+    single-statement write of a worker), pays no round trip for the check.
+    Idempotent per engine; engines absurd_sqla makes from a URL have it.
     """
     target = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-    if not event.contains(target, "checkout", _refuse_closed):
-        event.listen(target, "checkout", _refuse_closed)
+    if target.pool in _watched:  # (engines made by execution_options() share a pool)
+        return
+    dialect = target.dialect
+
+    def checkout(
+        dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        # The pool replaces a connection whose checkout raises DisconnectionError.
+        driver = record.driver_connection
+        if driver is None or driver.closed or _readable(driver.fileno()):
+            raise sa_exc.DisconnectionError("the server closed this connection while it was idle")
+        idle_since = record.info.get(_IDLE_SINCE)
+        if idle_since is not None and time.monotonic() - idle_since > ping_after:
+            try:
+                alive = dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                raise sa_exc.DisconnectionError("an idle connection failed its ping") from exc
+            if not alive:
+                raise sa_exc.DisconnectionError("an idle connection failed its ping")
+
+    def checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    event.listen(target, "checkout", checkout)
+    event.listen(target, "checkin", checkin)
+    _watched[target.pool] = checkout
 
 
-def _refuse_closed(
-    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
-) -> None:
-    """A ``checkout`` listener: SQLAlchemy's pool replaces a connection whose
-    checkout raises ``DisconnectionError`` (and tries the next one)."""
-    driver = record.driver_connection
-    if driver is None or driver.closed or _readable(driver.fileno()):
-        raise sa_exc.DisconnectionError("the server closed this connection while it was idle")
+_watched: weakref.WeakKeyDictionary[Pool, Callable[..., None]] = weakref.WeakKeyDictionary()
 
 
 def _readable(fd: int) -> bool:
