@@ -69,9 +69,15 @@ def discard_closed_connections(
 
     So a busy pool, whose connections come back within milliseconds (every
     single-statement write of a worker), pays no round trip for the check.
-    Idempotent per engine; engines absurd_sqla makes from a URL have it.
+    For psycopg 3 engines (``ValueError`` otherwise). Idempotent per pool;
+    engines absurd_sqla makes from a URL have it.
     """
     target = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    if target.dialect.driver not in ("psycopg", "psycopg_async"):
+        raise ValueError(
+            "discard_closed_connections needs a psycopg 3 engine "
+            f"(postgresql+psycopg://...), got the {target.dialect.driver!r} driver"
+        )
     if target.pool in _watched:  # (engines made by execution_options() share a pool)
         return
     dialect = target.dialect

@@ -43,6 +43,8 @@ ours / original for rates, original / ours for latencies (> 1 = ours better).
   is one commit); and at the server, with pg_stat_statements (preloaded in the
   private cluster unless ``--no-pgss``): every top-level statement, BEGIN,
   COMMIT and ROLLBACK included, with a per-query breakdown under the table.
+  The client count is also taken for ``start_worker`` at c=1 (the same
+  number of tasks, its idle polls until it is stopped included).
 """
 
 from __future__ import annotations
@@ -256,7 +258,12 @@ class Side:
     def stop_waiter_worker(self) -> None:
         raise NotImplementedError
 
-    def counts_per_task(self, n: int, counter: ServerCounter | None) -> Counts:
+    def counts_per_task(
+        self, n: int, counter: ServerCounter | None, *, worker: bool = False
+    ) -> Counts:
+        """Statements and commits per task of ``n`` tasks run by one
+        ``work_batch(n)``, or with ``worker`` by ``start_worker`` at c=1 (its
+        idle polls until it is stopped included)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -511,7 +518,9 @@ class Original(Side):
             self.drop(app, queue)
             self._waiter = None
 
-    def counts_per_task(self, n: int, counter: ServerCounter | None) -> Counts:
+    def counts_per_task(
+        self, n: int, counter: ServerCounter | None, *, worker: bool = False
+    ) -> Counts:
         queue = new_queue("o_count")
         app = self.client(queue, counting=True)
         app.create_queue()
@@ -519,7 +528,15 @@ class Original(Side):
         CountingCursor.executed = 0
         if counter is not None:
             counter.reset()
-        app.work_batch(worker_id="bench", batch_size=n)
+        if worker:
+            running = self._start_sync(app, 1, THROUGHPUT_POLL)
+            try:
+                wait_until(lambda: self.completed(queue) >= n, "original: counted worker")
+            finally:
+                running.stop()
+                running.join()
+        else:
+            app.work_batch(worker_id="bench", batch_size=n)
         statements = CountingCursor.executed / n
         server = server_side(counter, self.url, n)
         if self.completed(queue) != n:
@@ -681,7 +698,9 @@ class Ours(Side):
             self.app.drop_queue(queue)
             self._waiter = None
 
-    def counts_per_task(self, n: int, counter: ServerCounter | None) -> Counts:
+    def counts_per_task(
+        self, n: int, counter: ServerCounter | None, *, worker: bool = False
+    ) -> Counts:
         queue = self.fresh("s_count")
         self.prespawn(queue, n)
         statements = 0
@@ -704,7 +723,16 @@ class Ours(Side):
         if counter is not None:
             counter.reset()
         try:
-            claimed = self.app.work_batch(worker_id="bench", batch_size=n, queue=queue)
+            if worker:
+                running = self._start("sync", 1, queue, THROUGHPUT_POLL)
+                try:
+                    wait_until(lambda: self.completed(queue) >= n, "ours: counted worker")
+                finally:
+                    running.stop()
+                    running.join()
+                claimed = n
+            else:
+                claimed = self.app.work_batch(worker_id="bench", batch_size=n, queue=queue)
         finally:
             event.remove(Engine, "before_cursor_execute", on_statement)
             event.remove(Engine, "commit", on_commit)
@@ -1054,10 +1082,18 @@ def run_all(
     at_server = Figure("server statements per 3-step task, incl. BEGIN/COMMIT", "count", True)
     if counter is None:
         at_server.original_na = at_server.ours_na = "pg_stat_statements is not loaded"
+    worker_stmts = Figure(
+        f"client statements per 3-step task (start_worker c=1, {COUNT_TASKS} tasks)",
+        "count",
+        True,
+    )
     for side in sides:
         counts = side.counts_per_task(COUNT_TASKS, counter)
         stmts.record(side.name, counts.statements)
         commits.record(side.name, counts.commits)
+        worker_stmts.record(
+            side.name, side.counts_per_task(COUNT_TASKS, None, worker=True).statements
+        )
         if counts.server is not None:
             sent = [v for q, v in counts.server.items() if not planner_evaluated(q)]
             at_server.record(side.name, sum(sent))
@@ -1081,6 +1117,7 @@ def run_all(
         wake_p95,
         stmts,
         commits,
+        worker_stmts,
         at_server,
         cpu_spawn,
         cpu_spawn_tx,

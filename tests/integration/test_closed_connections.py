@@ -248,3 +248,9 @@ def test_an_async_connection_idle_past_ping_after_is_pinged(
 
     asyncio.run(scenario())
     assert len(pings) == 1
+
+
+def test_another_driver_is_refused() -> None:
+    engine = create_engine("sqlite://")
+    with pytest.raises(ValueError, match="psycopg 3"):
+        discard_closed_connections(engine)
