@@ -198,35 +198,38 @@ def middlebox(database_url: str) -> Iterator[tuple[Middlebox, str]]:
         box.close()
 
 
+@contextlib.contextmanager
+def checked_engine(url: str, **options: Any) -> Iterator[Engine]:
+    """A one-connection engine on ``url`` with ``discard_closed_connections(**options)``."""
+    engine = create_engine(url, pool_size=1)
+    discard_closed_connections(engine, **options)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
 def test_a_connection_idle_past_ping_after_is_pinged(
     clean_db: Engine, middlebox: tuple[Middlebox, str], pings: list[Any]
 ) -> None:
     box, url = middlebox
-    engine = create_engine(url, pool_size=1)
-    discard_closed_connections(engine, ping_after=0.0)  # any idle time is too long
-    try:
+    with checked_engine(url, ping_after=0.0) as engine:  # any idle time is too long
         first = pooled_pid(engine)
         box.forget()  # the link dies without a word: the socket shows nothing
         assert pooled_pid(engine) != first  # the ping failed: replaced, not handed out
-        assert len(pings) == 1
-    finally:
-        engine.dispose()
+    assert len(pings) == 1
 
 
 def test_a_busy_connection_is_not_pinged(
     clean_db: Engine, middlebox: tuple[Middlebox, str], pings: list[Any]
 ) -> None:
     box, url = middlebox
-    engine = create_engine(url, pool_size=1)
-    discard_closed_connections(engine)  # ping only after PING_AFTER (10 s) idle
-    try:
+    with checked_engine(url) as engine:  # pinged only after PING_AFTER (10 s) idle
         pooled_pid(engine)
         box.forget()
         with pytest.raises(OperationalError):  # back within 10 s: no ping, so it fails
             pooled_pid(engine)
-        assert pings == []
-    finally:
-        engine.dispose()
+    assert pings == []
 
 
 def test_an_async_connection_idle_past_ping_after_is_pinged(
