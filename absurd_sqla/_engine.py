@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import select
 import time
-import weakref
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
@@ -19,7 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Session, sessionmaker
-from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 DEFAULT_URL = "postgresql://localhost/absurd"
 
@@ -69,8 +67,13 @@ def discard_closed_connections(
 
     So a busy pool, whose connections come back within milliseconds (every
     single-statement write of a worker), pays no round trip for the check.
-    For psycopg 3 engines (``ValueError`` otherwise). Idempotent per pool;
-    engines absurd_sqla makes from a URL have it.
+    Like ``pool_pre_ping``'s, the ping has no timeout of its own: a link that
+    drops packets without a reset holds it until TCP gives up.
+
+    For psycopg 3 engines (``ValueError`` otherwise). Call it once, when the
+    engine is set up: a second call on the same engine (or one sharing its
+    pool) changes nothing, ``ping_after`` included. Engines absurd_sqla makes
+    from a URL have it.
     """
     target = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     if target.dialect.driver not in ("psycopg", "psycopg_async"):
@@ -78,7 +81,10 @@ def discard_closed_connections(
             "discard_closed_connections needs a psycopg 3 engine "
             f"(postgresql+psycopg://...), got the {target.dialect.driver!r} driver"
         )
-    if target.pool in _watched:  # (engines made by execution_options() share a pool)
+    # Listeners belong to the pool, which execution_options() copies share and
+    # dispose() hands on to the pool it makes.
+    pool = target.pool
+    if _mark_idle in list(pool.dispatch.checkin):  # (event.contains misses copied ones)
         return
     dialect = target.dialect
 
@@ -98,15 +104,13 @@ def discard_closed_connections(
             if not alive:
                 raise sa_exc.DisconnectionError("an idle connection failed its ping")
 
-    def checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        record.info[_IDLE_SINCE] = time.monotonic()
-
-    event.listen(target, "checkout", checkout)
-    event.listen(target, "checkin", checkin)
-    _watched[target.pool] = checkout
+    event.listen(pool, "checkout", checkout)
+    event.listen(pool, "checkin", _mark_idle)
 
 
-_watched: weakref.WeakKeyDictionary[Pool, Callable[..., None]] = weakref.WeakKeyDictionary()
+def _mark_idle(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    """A ``checkin`` listener: when the connection went back to the pool."""
+    record.info[_IDLE_SINCE] = time.monotonic()
 
 
 def _readable(fd: int) -> bool:

@@ -31,7 +31,6 @@ from ._run import (
     CLAIM_TIMEOUT_REASON,
     SHUTDOWN_REASON,
     ClaimedRun,
-    HandOver,
     RunState,
     fail_params,
     failure_reason,
@@ -149,14 +148,11 @@ class AsyncExecutor:
         worker_id: str,
         claim_timeout: float,
         on_start: Callable[[], None] | None = None,
-        hand_over: HandOver | None = None,
-    ) -> list[ClaimedRun]:
+    ) -> None:
         """Run one claimed run to completion, failure or suspension.
 
         ``on_start`` is called just before the handler is (what a stopping
         worker needs to know: a run whose handler never started costs no attempt).
-        With ``hand_over``, a completion also claims the slot's next run, which
-        is returned (a list of at most one); otherwise the list is empty.
         """
         state = RunState(run, worker_id, claim_timeout)
         registration = self.core.registry.get(run.task_name)
@@ -174,7 +170,7 @@ class AsyncExecutor:
                     extra=run_extra(run),
                 )
                 await self._fail(state, exc)
-            return []
+            return
         ctx = AsyncTaskContext(self.db, self.core, state)
         wrap = self.core.hooks.wrap_task
 
@@ -189,24 +185,18 @@ class AsyncExecutor:
                 result = await wrap(ctx, call) if wrap is not None else await call()
         except TaskSignal as signal_:
             _log_signal(run, signal_)
-            return []
+            return
         except Exception as exc:
             await self._fail(state, exc)
-            return []
+            return
         try:
             params = state.complete_params(result)
         except NotSerializable as exc:
             await self._fail(state, exc)
-            return []
-        next_runs: list[ClaimedRun] = []
-        if hand_over is not None and hand_over.wanted() and not _children.is_child(run.headers):
-            row, next_runs = await self._complete_and_claim(
-                run, params, hand_over, worker_id, claim_timeout
-            )
-        else:
-            row = await self._record_outcome(
-                run, sqlw.complete_run, params, lambda row: bool(row.owned)
-            )
+            return
+        row = await self._record_outcome(
+            run, sqlw.complete_run, params, lambda row: bool(row.owned)
+        )
         if not row.owned:
             log.warning(
                 "task %s (%s): discarded the result of run %s: it is %s and no longer held "
@@ -217,42 +207,11 @@ class AsyncExecutor:
                 row.run_state,
                 extra=run_extra(run),
             )
-            return next_runs
+            return
         log.info(
             completed_message(run.task_name, run.task_id, time.monotonic() - started, run.attempt),
             extra=run_extra(run),
         )
-        return next_runs
-
-    async def _complete_and_claim(
-        self,
-        run: ClaimedRun,
-        params: Mapping[str, Any],
-        hand_over: HandOver,
-        worker_id: str,
-        claim_timeout: float,
-    ) -> tuple[Record, list[ClaimedRun]]:
-        """Record ``run``'s completion and claim the slot's next run, one
-        statement. Retried like any outcome, the completion's own landed check
-        telling an earlier attempt's commit from a lost lease; the run a lost
-        attempt claimed is left to its lease, as any claim whose answer is lost."""
-        claimed: list[ClaimedRun] = []
-        merged = {
-            **params,
-            "queue": hand_over.queue,
-            "worker": worker_id,
-            "claim_timeout": claim_timeout,
-            "batch_size": 1,
-        }
-
-        async def attempt() -> Record:
-            rows = await self.db.rows(sqlw.complete_and_claim, merged)
-            claimed[:] = [ClaimedRun.from_row(row) for row in rows if row.run_id is not None]
-            return rows[0]
-
-        with about(run):
-            row = await self.db.retrying(sqlw.complete_run, params, attempt)
-        return row, claimed
 
     async def release(
         self, run: ClaimedRun, worker_id: str, claim_timeout: float, started: bool

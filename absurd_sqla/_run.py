@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,16 +19,6 @@ from ._sql import channel_for
 from .errors import CancelledTask, InvalidArgument, LeaseLost, SuspendTask, TimeoutError
 
 UNKNOWN_TASK_DELAY = 20.0  # seconds before a run of an unregistered task is offered again
-
-
-@dataclass(frozen=True, slots=True)
-class HandOver:
-    """What a worker's slot asks of its run's completion: claim the slot's next
-    run of ``queue`` in the same statement (``_sql_worker.complete_and_claim``),
-    if ``wanted()`` still says so (a stopping worker claims nothing more)."""
-
-    queue: str
-    wanted: Callable[[], bool]
 
 
 @dataclass(frozen=True, slots=True)

@@ -559,15 +559,6 @@ complete_run = select(
     _run_state(_completed).label("run_state"),
 )
 
-# A completion that also claims its slot's next run, in the same statement
-# and commit (one round trip fewer per task): ``complete_run``'s row, with the
-# claim's columns of the run claimed (``:batch_size`` at most, NULL if none).
-_completion = complete_run.subquery("completion")
-_next_runs = claim.subquery("next_runs")
-complete_and_claim = select(_completion, _next_runs).select_from(
-    _completion.outerjoin(_next_runs, true())
-)
-
 _retry = bindparam("retry", type_=Boolean)
 _new_run = bindparam("new_run", type_=UUID(as_uuid=True))
 _failed = (

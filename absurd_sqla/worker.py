@@ -26,7 +26,7 @@ from ._execute import Executor
 from ._logs import logger, queue_extra, run_extra
 from ._outage import Outage
 from ._retry import is_disconnect
-from ._run import ClaimedRun, HandOver
+from ._run import ClaimedRun
 from ._runtime import (
     LISTEN_RETRY_MAX,
     LISTEN_RETRY_MIN,
@@ -154,8 +154,6 @@ class Worker:
         self._slots: dict[object, _Slot] = {}
         self._lock = threading.Lock()
         self._outage = Outage(first_delay=self.poll_interval)
-        # A slot whose run completes claims its next run in the same statement.
-        self._hand_over = HandOver(self.queue, lambda: not self.stopping)
 
     # -- stopping ----------------------------------------------------------------
 
@@ -189,50 +187,27 @@ class Worker:
         self._wake.clear()
 
     def _start(self, run: ClaimedRun) -> None:
-        with self._lock:
-            thread = self._register(run)
-        thread.start()
-
-    def _register(self, run: ClaimedRun) -> threading.Thread:
-        """A slot for ``run``, counted in ``_slots`` (the caller holds ``_lock``);
-        its thread, made but not started."""
         slot = _Slot(run)
 
         def mark_started() -> None:
             slot.started = True
 
         def target() -> None:
-            next_runs: list[ClaimedRun] = []
             try:
-                next_runs = self.executor.execute(
-                    run, self.worker_id, self.claim_timeout, mark_started, self._hand_over
-                )
+                self.executor.execute(run, self.worker_id, self.claim_timeout, mark_started)
             except BaseException:
                 log.exception(
                     "worker slot crashed running run %s", run.run_id, extra=run_extra(run)
                 )
             finally:
-                self._take_over(run, next_runs)
+                with self._lock:
+                    self._slots.pop(run.run_id, None)
+                self._wake.set()
 
-        thread = threading.Thread(target=target, name=f"absurd-task-{run.run_id}", daemon=True)
-        slot.thread = thread
-        self._slots[run.run_id] = slot
-        return thread
-
-    def _take_over(self, done: ClaimedRun, next_runs: list[ClaimedRun]) -> None:
-        """A slot's run is done: start the runs its completion claimed in its
-        place (in one step under the lock, so the loop never sees the slot free
-        and claims for it too), or hand them back if the worker is stopping."""
-        if next_runs and self.stopping:
-            for run in next_runs:
-                self._release(run, started=False)
-            next_runs = []
+        slot.thread = threading.Thread(target=target, name=f"absurd-task-{run.run_id}", daemon=True)
         with self._lock:
-            self._slots.pop(done.run_id, None)
-            threads = [self._register(run) for run in next_runs]
-        for thread in threads:
-            thread.start()
-        self._wake.set()
+            self._slots[run.run_id] = slot
+        slot.thread.start()
 
     def run(self, shared_need: int = 0) -> None:
         """Run until stopped; ``shared_need``: pool connections that this client's
@@ -353,14 +328,13 @@ class Worker:
             extra=queue_extra(self.queue),
         )
         for slot in slots:
-            self._release(slot.run, slot.started)
-
-    def _release(self, run: ClaimedRun, started: bool) -> None:
-        try:
-            self.executor.release(run, self.worker_id, self.claim_timeout, started)
-        except Exception:
-            # Its lease still runs out: the sweep of another worker retries it.
-            log.exception("could not release run %s", run.run_id, extra=run_extra(run))
+            try:
+                self.executor.release(slot.run, self.worker_id, self.claim_timeout, slot.started)
+            except Exception:
+                # Its lease still runs out: the sweep of another worker retries it.
+                log.exception(
+                    "could not release run %s", slot.run.run_id, extra=run_extra(slot.run)
+                )
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call ``fn``; while the database is unreachable, back off and log once."""

@@ -32,7 +32,7 @@ from ._execute_async import AsyncExecutor
 from ._logs import logger, queue_extra, run_extra
 from ._outage import Outage
 from ._retry import is_disconnect
-from ._run import CLAIM_TIMEOUT_REASON, ClaimedRun, HandOver
+from ._run import CLAIM_TIMEOUT_REASON, ClaimedRun
 from ._runtime import (
     CANCELLED_HANDLER_GRACE,
     LISTEN_RETRY_MAX,
@@ -181,8 +181,6 @@ class AsyncWorker:
         self._stop = StopState(settings.shutdown_timeout)
         self._slots: dict[object, _Slot] = {}
         self._outage = Outage(first_delay=self.poll_interval)
-        # A slot whose run completes claims its next run in the same statement.
-        self._hand_over = HandOver(self.queue, lambda: not self.stopping)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
 
@@ -363,15 +361,8 @@ class AsyncWorker:
             slot.started = True
 
         async def execute() -> None:
-            next_runs: list[ClaimedRun] = []
             try:
-                next_runs = await self.executor.execute(
-                    run, self.worker_id, self.claim_timeout, mark_started, self._hand_over
-                )
-                if next_runs and self.stopping:  # stopped while the completion claimed
-                    claimed, next_runs = next_runs, []
-                    for claimed_run in claimed:
-                        await self._release(claimed_run, started=False)
+                await self.executor.execute(run, self.worker_id, self.claim_timeout, mark_started)
             except asyncio.CancelledError:
                 if not slot.lost:
                     raise  # stopping now: the run is released by the loop
@@ -386,11 +377,7 @@ class AsyncWorker:
                     "worker slot crashed running run %s", run.run_id, extra=run_extra(run)
                 )
             finally:
-                # The runs its completion claimed take the slot's place at once,
-                # so the loop never sees it free and claims for it too.
                 self._slots.pop(run.run_id, None)
-                for claimed_run in next_runs:
-                    self._start(claimed_run)
                 self._wake_soon()
 
         self._slots[run.run_id] = slot
@@ -446,7 +433,15 @@ class AsyncWorker:
             if slot.task is not None:
                 slot.task.cancel()  # an asyncio handler can be stopped, unlike a thread
         for slot in slots:
-            await self._release(slot.run, slot.started)
+            try:
+                await self.executor.release(
+                    slot.run, self.worker_id, self.claim_timeout, slot.started
+                )
+            except Exception:
+                # Its lease still runs out: the sweep of another worker retries it.
+                log.exception(
+                    "could not release run %s", slot.run.run_id, extra=run_extra(slot.run)
+                )
         unfinished = {s.task: s.run for s in self._slots.values() if s.task is not None}
         if unfinished:
             _, pending = await asyncio.wait(unfinished, timeout=CANCELLED_HANDLER_GRACE)
@@ -456,13 +451,6 @@ class AsyncWorker:
                     task.get_name(),
                     extra=run_extra(unfinished[task]),
                 )
-
-    async def _release(self, run: ClaimedRun, started: bool) -> None:
-        try:
-            await self.executor.release(run, self.worker_id, self.claim_timeout, started)
-        except Exception:
-            # Its lease still runs out: the sweep of another worker retries it.
-            log.exception("could not release run %s", run.run_id, extra=run_extra(run))
 
     async def _guard(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Call ``fn``; while the database is unreachable, back off and log once."""

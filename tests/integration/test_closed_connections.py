@@ -110,6 +110,10 @@ def test_an_engine_passed_in_gets_it_on_request(
         alive = pooled_pid(engine)
         assert pooled_pid(engine) == alive  # a healthy connection is kept
         assert len(polls) == 4  # one look per checkout: the second call added nothing
+        engine.dispose()  # a new pool, with the same listeners
+        discard_closed_connections(engine)
+        pooled_pid(engine)
+        assert len(polls) == 5
     finally:
         engine.dispose()
 
