@@ -36,8 +36,9 @@ from typing import Any, TypeVar
 
 from sqlalchemy import func, make_url, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
+from workload import three_steps, three_steps_async, waiter_async  # bench/ is on sys.path
 
-from absurd_sqla import Absurd, AsyncAbsurd, AsyncTaskContext, SpawnRequest, migrate
+from absurd_sqla import Absurd, AsyncAbsurd, SpawnRequest, migrate
 from absurd_sqla.localpg import database_url
 from absurd_sqla.models import tasks
 
@@ -66,31 +67,8 @@ class AsyncSide:
         self._register()
 
     def _register(self) -> None:
-        @self.app.register_task(TASK)
-        async def three_steps(params: dict[str, Any], ctx: AsyncTaskContext) -> int:
-            async def fetch() -> int:
-                return int(params["i"])
-
-            a = await ctx.step("fetch", fetch)
-
-            async def transform() -> int:
-                return a * 2
-
-            b = await ctx.step("transform", transform)
-
-            async def store() -> int:
-                return b + 1
-
-            return await ctx.step("store", store)
-
-        @self.app.register_task(WAITER)
-        async def waiter(params: dict[str, Any], ctx: AsyncTaskContext) -> None:
-            handle = await ctx.begin_step("announce")
-            if not handle.done:
-                await ctx.complete_step(handle, True)
-                self.suspending.release()  # about to suspend on the event
-            await ctx.await_event(params["event"])
-            self.resumed[params["event"]] = time.perf_counter()
+        self.app.register_task(TASK)(three_steps_async)
+        self.app.register_task(WAITER)(waiter_async(self.suspending, self.resumed))
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -105,11 +83,7 @@ class AsyncSide:
 def build_sync_app(url: str) -> Absurd:
     app = Absurd(url)
 
-    @app.register_task(TASK)
-    def three_steps(params: dict[str, Any], ctx: Any) -> int:
-        a = ctx.step("fetch", lambda: params["i"])
-        b = ctx.step("transform", lambda: a * 2)
-        return int(ctx.step("store", lambda: b + 1))
+    app.register_task(TASK)(three_steps)
 
     return app
 

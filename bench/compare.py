@@ -77,6 +77,7 @@ from psycopg import sql
 from sqlalchemy import Connection, Engine, create_engine, event, func, make_url, select
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
+from workload import three_steps, three_steps_async, waiter  # bench/ is on sys.path
 
 from absurd_sqla import Absurd, AsyncAbsurd, SpawnRequest, discard_closed_connections, migrate
 from absurd_sqla.localpg import LocalPostgres, find_bindir
@@ -99,49 +100,6 @@ CONCURRENCY = (1, 8, 16, 32)  # of each worker, the thread one and the asyncio o
 COUNT_TASKS = 100
 DEADLINE = 600.0
 T = TypeVar("T")
-
-
-# -- the workload: one handler body for both systems (their task APIs match) ------
-
-
-def three_steps(params: dict[str, Any], ctx: Any) -> int:
-    a = ctx.step("fetch", lambda: params["i"])
-    b = ctx.step("transform", lambda: a * 2)
-    return int(ctx.step("store", lambda: b + 1))
-
-
-async def three_steps_async(params: dict[str, Any], ctx: Any) -> int:
-    async def fetch() -> int:
-        return int(params["i"])
-
-    a = await ctx.step("fetch", fetch)
-
-    async def transform() -> int:
-        return a * 2
-
-    b = await ctx.step("transform", transform)
-
-    async def store() -> int:
-        return b + 1
-
-    return int(await ctx.step("store", store))
-
-
-def waiter(
-    suspending: threading.Semaphore, resumed: dict[str, float]
-) -> Callable[[dict[str, Any], Any], None]:
-    """A task that checkpoints a step, says it is about to suspend, awaits
-    ``params["event"]`` and records when it runs again."""
-
-    def wait(params: dict[str, Any], ctx: Any) -> None:
-        handle = ctx.begin_step("announce")
-        if not handle.done:
-            ctx.complete_step(handle, True)
-            suspending.release()  # about to suspend on the event
-        ctx.await_event(params["event"])
-        resumed[params["event"]] = time.perf_counter()
-
-    return wait
 
 
 # -- the server ----------------------------------------------------------------

@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import threading
 import time
-from typing import Any
 
 from inspect_scale import UUID_FUNCTION, timed  # bench/ is on sys.path when run
 from sqlalchemy import func, select, text
+from workload import three_steps
 
-from absurd_sqla import Absurd, SpawnRequest, TaskContext, migrate
+from absurd_sqla import Absurd, SpawnRequest, migrate
 from absurd_sqla.localpg import database_url
 from absurd_sqla.models import tasks
 
@@ -79,11 +79,7 @@ def measure(app: Absurd, size: int, claims: int) -> dict[str, float]:
     }
     work = f"three-{size}"
 
-    @app.register_task(work)
-    def three_steps(params: dict[str, Any], ctx: TaskContext) -> int:
-        a = ctx.step("fetch", lambda: params["i"])
-        b = ctx.step("transform", lambda: a * 2)
-        return int(ctx.step("store", lambda: b + 1))
+    app.register_task(work)(three_steps)
 
     app.spawn_many([SpawnRequest(work, {"i": i}) for i in range(TASKS)])
     began = time.perf_counter()

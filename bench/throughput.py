@@ -19,10 +19,10 @@ import platform
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
+from workload import three_steps  # bench/ is on sys.path when run
 
 from absurd_sqla import Absurd, SpawnRequest, migrate
 from absurd_sqla.localpg import database_url
@@ -34,11 +34,7 @@ TASK = "three-steps"
 def build_app(url: str) -> Absurd:
     app = Absurd(url)
 
-    @app.register_task(TASK)
-    def three_steps(params: dict[str, Any], ctx: Any) -> int:
-        a = ctx.step("fetch", lambda: params["i"])
-        b = ctx.step("transform", lambda: a * 2)
-        return int(ctx.step("store", lambda: b + 1))
+    app.register_task(TASK)(three_steps)
 
     return app
 

@@ -19,6 +19,8 @@ import time
 import uuid
 from typing import Any
 
+from workload import waiter  # bench/ is on sys.path when run
+
 from absurd_sqla import Absurd, TaskContext, migrate
 from absurd_sqla.localpg import database_url
 
@@ -37,14 +39,7 @@ def main() -> None:
         resumed: dict[str, float] = {}
         suspended = threading.Semaphore(0)
 
-        @app.register_task("waiter")
-        def waiter(params: dict[str, Any], ctx: TaskContext) -> None:
-            handle = ctx.begin_step("announce")
-            if not handle.done:
-                ctx.complete_step(handle, True)
-                suspended.release()  # about to suspend on the event
-            ctx.await_event(params["event"])
-            resumed[params["event"]] = time.perf_counter()
+        app.register_task("waiter")(waiter(suspended, resumed))
 
         slept: dict[str, float] = {}
         woke: dict[str, float] = {}
