@@ -202,8 +202,9 @@ _queue_row = select(queues.c.queue_name).where(queues.c.queue_name == q_param).c
 
 def _spawn_from(items: CTE) -> Select[Any]:
     """Insert a task and its first run for each row of ``items`` (the columns
-    of ``_ITEM_FIELDS`` and a ``position``) into the queue ``:queue``, unless its idempotency key is
-    taken; select each new (task_id, run_id) and notify the queue's workers."""
+    of ``_ITEM_FIELDS`` and a ``position``) into the queue ``:queue``, unless
+    its idempotency key is taken; select each new (task_id, run_id) and notify
+    the queue's workers."""
     inserted_tasks = (
         pg_insert(tasks)
         .from_select(
