@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy.sql import Executable
 
-from . import _children, _ops
+from . import _children, _ops, _wire
 from . import _sql as sql
 from . import _sql_worker as sqlw
 from ._app import AppCore, WorkerSettings
@@ -33,6 +33,7 @@ from ._run import (
     CLAIM_TIMEOUT_REASON,
     SHUTDOWN_REASON,
     ClaimedRun,
+    HandOver,
     RunState,
     fail_params,
     failure_reason,
@@ -150,11 +151,15 @@ class Executor:
         worker_id: str,
         claim_timeout: float,
         on_start: Callable[[], None] | None = None,
-    ) -> None:
+        hand_over: HandOver | None = None,
+    ) -> list[ClaimedRun]:
         """Run one claimed run to completion, failure or suspension.
 
         ``on_start`` is called just before the handler is (what a stopping
         worker needs to know: a run whose handler never started costs no attempt).
+        With ``hand_over``, a completion also claims the slot's next run, which
+        is returned (a list of at most one); otherwise the list is empty.
+        Children complete alone: their completion also wakes their parent.
         """
         state = RunState(run, worker_id, claim_timeout)
         registration = self.core.registry.get(run.task_name)
@@ -172,7 +177,7 @@ class Executor:
                     extra=run_extra(run),
                 )
                 self._fail(state, exc)
-            return
+            return []
         ctx = TaskContext(self.db, self.core, state)
         wrap = self.core.hooks.wrap_task
 
@@ -187,16 +192,22 @@ class Executor:
                 result = wrap(ctx, call) if wrap is not None else call()
         except TaskSignal as signal_:
             _log_signal(run, signal_)
-            return
+            return []
         except Exception as exc:
             self._fail(state, exc)
-            return
+            return []
         try:
             params = state.complete_params(result)
         except NotSerializable as exc:
             self._fail(state, exc)
-            return
-        row = self._record_outcome(run, sqlw.complete_run, params, lambda row: bool(row.owned))
+            return []
+        next_runs: list[ClaimedRun] = []
+        if hand_over is not None and not _children.is_child(run.headers) and hand_over.begin():
+            row, next_runs = self._complete_and_claim(
+                run, params, hand_over, worker_id, claim_timeout
+            )
+        else:
+            row = self._record_outcome(run, sqlw.complete_run, params, lambda row: bool(row.owned))
         if not row.owned:
             log.warning(
                 "task %s (%s): discarded the result of run %s: it is %s and no longer held "
@@ -207,11 +218,80 @@ class Executor:
                 row.run_state,
                 extra=run_extra(run),
             )
-            return
+            return next_runs
         log.info(
             completed_message(run.task_name, run.task_id, time.monotonic() - started, run.attempt),
             extra=run_extra(run),
         )
+        return next_runs
+
+    def _complete_and_claim(
+        self,
+        run: ClaimedRun,
+        params: Mapping[str, Any],
+        hand_over: HandOver,
+        worker_id: str,
+        claim_timeout: float,
+    ) -> tuple[Record, list[ClaimedRun]]:
+        """Record ``run``'s completion and claim the slot's next run, in one
+        statement. Retried like any outcome after a lost connection, but a
+        retry only completes: the first attempt may have committed, claim
+        included, with its answer lost. So after a retry the run that attempt
+        claimed, if any, is looked up where the completion recorded it
+        (``runs.handed_over``) and taken over."""
+        claimed: list[ClaimedRun] = []
+        tries = 0
+        merged = {
+            **params,
+            "queue": hand_over.queue,
+            "worker": worker_id,
+            "claim_timeout": claim_timeout,
+            "batch_size": 1,
+        }
+
+        def attempt() -> Record:
+            nonlocal tries
+            tries += 1
+            if tries > 1:
+                return _wire.exactly_one(self.db.rows(sqlw.complete_run, params))
+            row = _wire.exactly_one(self.db.rows(sqlw.complete_and_claim, merged))
+            if row.run_id is not None:
+                claimed.append(ClaimedRun.from_row(row))
+            return row
+
+        with about(run):
+            row = self.db.retrying(sqlw.complete_run, params, attempt)
+            if tries > 1 and row.owned:
+                claimed.extend(self._handed_over(run, worker_id))
+        return row, claimed
+
+    def _handed_over(self, run: ClaimedRun, worker_id: str) -> list[ClaimedRun]:
+        """The run ``run``'s completion claimed, if it is still this worker's."""
+        try:
+            rows = self.db.rows(sqlw.handed_over_run, {"run": run.run_id, "worker": worker_id})
+        except Exception as exc:
+            log.warning(
+                "task %s (%s): could not look up the run the completion of run %s claimed "
+                "(%s); if it claimed one, that run waits for its lease to expire",
+                run.task_name,
+                run.task_id,
+                run.run_id,
+                summary(exc),
+                extra=run_extra(run),
+            )
+            return []
+        found = [ClaimedRun.from_row(row) for row in rows]
+        for next_run in found:
+            log.info(
+                "task %s (%s): took over run %s, which the completion of run %s claimed "
+                "before its answer was lost",
+                next_run.task_name,
+                next_run.task_id,
+                next_run.run_id,
+                run.run_id,
+                extra=run_extra(next_run),
+            )
+        return found
 
     def release(self, run: ClaimedRun, worker_id: str, claim_timeout: float, started: bool) -> None:
         """Give back a run a stopping worker will not finish, claimable at once.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import traceback
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,6 +19,18 @@ from ._sql import channel_for
 from .errors import CancelledTask, InvalidArgument, LeaseLost, SuspendTask, TimeoutError
 
 UNKNOWN_TASK_DELAY = 20.0  # seconds before a run of an unregistered task is offered again
+
+
+@dataclass(frozen=True, slots=True)
+class HandOver:
+    """What a worker slot asks of its run's completion: claim the slot's next
+    run of ``queue`` in the same statement (``_sql_worker.complete_and_claim``).
+    ``begin()`` is called just before; False means claim nothing (the worker
+    is stopping), True marks the slot as completing with a claim, which a
+    stopping worker then waits for instead of cancelling or releasing it."""
+
+    queue: str
+    begin: Callable[[], bool]
 
 
 @dataclass(frozen=True, slots=True)

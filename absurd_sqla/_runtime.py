@@ -16,7 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from ._app import WorkerSettings
 from ._logs import queue_extra
 from ._outage import Outage
-from ._retry import is_disconnect
+from ._retry import WRITE_RETRY_BUDGET, is_disconnect
 
 
 class _Worker(Protocol):
@@ -31,6 +31,9 @@ SWEEP_INTERVAL = 1.0  # seconds between expired-lease sweeps of a running worker
 LISTEN_RETRY_MIN, LISTEN_RETRY_MAX = 0.5, 30.0  # reconnect backoff of the listener, seconds
 SIGNAL_CHECK_INTERVAL = 0.1  # longest an idle worker takes to notice SIGTERM/SIGINT
 CANCELLED_HANDLER_GRACE = 5.0  # seconds a stopping asyncio worker waits for cancelled handlers
+# Seconds a worker stopping now waits for a completion that is claiming its
+# slot's next run: that write's own retries, and the look-up after them.
+HAND_OVER_GRACE = WRITE_RETRY_BUDGET + 5.0
 
 
 def default_worker_id() -> str:

@@ -178,6 +178,11 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=_NOW)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # Set by a completion that also claimed its worker slot's next run: that
+    # run's id and what the claim overwrote (``prev_started_at``,
+    # ``prev_first_started_at``), so a worker whose answer was lost can take
+    # the run over instead of leaving it to its lease.
+    handed_over: Mapped[dict[str, Any] | None]
 
 
 class Checkpoint(Base):

@@ -26,8 +26,9 @@ from ._execute import Executor
 from ._logs import logger, queue_extra, run_extra
 from ._outage import Outage
 from ._retry import is_disconnect
-from ._run import ClaimedRun
+from ._run import ClaimedRun, HandOver
 from ._runtime import (
+    HAND_OVER_GRACE,
     LISTEN_RETRY_MAX,
     LISTEN_RETRY_MIN,
     SIGNAL_CHECK_INTERVAL,
@@ -127,6 +128,9 @@ class _Slot:
     run: ClaimedRun
     thread: threading.Thread | None = None
     started: bool = False  # the handler was called (releasing it then costs an attempt)
+    # Its completion is claiming the slot's next run: not released when
+    # stopping now, but waited for (it hands back the run it claims).
+    handing_over: bool = False
 
 
 class Worker:
@@ -187,27 +191,74 @@ class Worker:
         self._wake.clear()
 
     def _start(self, run: ClaimedRun) -> None:
+        with self._lock:
+            thread = self._register(run)
+        self._launch(thread, run)
+
+    def _register(self, run: ClaimedRun) -> threading.Thread:
+        """A slot for ``run``, counted in ``_slots`` (the caller holds ``_lock``);
+        its thread, made but not started."""
         slot = _Slot(run)
 
         def mark_started() -> None:
             slot.started = True
 
+        def begin_hand_over() -> bool:
+            # Under the lock that stopping now takes to list the slots: either
+            # it sees this slot handing over and waits, or this sees the stop.
+            with self._lock:
+                if self.stopping:
+                    return False
+                slot.handing_over = True
+                return True
+
         def target() -> None:
+            next_runs: list[ClaimedRun] = []
             try:
-                self.executor.execute(run, self.worker_id, self.claim_timeout, mark_started)
+                next_runs = self.executor.execute(
+                    run,
+                    self.worker_id,
+                    self.claim_timeout,
+                    mark_started,
+                    HandOver(self.queue, begin_hand_over),
+                )
             except BaseException:
                 log.exception(
                     "worker slot crashed running run %s", run.run_id, extra=run_extra(run)
                 )
             finally:
-                with self._lock:
-                    self._slots.pop(run.run_id, None)
-                self._wake.set()
+                self._take_over(run, next_runs)
 
-        slot.thread = threading.Thread(target=target, name=f"absurd-task-{run.run_id}", daemon=True)
+        thread = threading.Thread(target=target, name=f"absurd-task-{run.run_id}", daemon=True)
+        slot.thread = thread
+        self._slots[run.run_id] = slot
+        return thread
+
+    def _launch(self, thread: threading.Thread, run: ClaimedRun) -> None:
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: give the run back unstarted
+            log.exception("could not start a thread for run %s", run.run_id, extra=run_extra(run))
+            with self._lock:
+                self._slots.pop(run.run_id, None)
+            self._release(run, started=False)
+            self._wake.set()
+
+    def _take_over(self, done: ClaimedRun, next_runs: list[ClaimedRun]) -> None:
+        """A slot's run is done: start the run its completion claimed in its
+        place (in one step under the lock, so the loop never sees the slot free
+        and claims for it too), or hand it back if the worker is stopping."""
+        if next_runs and self.stopping:
+            for run in next_runs:
+                self._release(run, started=False)
+            next_runs = []
         with self._lock:
-            self._slots[run.run_id] = slot
-        slot.thread.start()
+            self._slots.pop(done.run_id, None)
+            threads = [(self._register(run), run) for run in next_runs]
+        for thread, run in threads:
+            self._launch(thread, run)
+        if not threads:
+            self._wake.set()
 
     def run(self, shared_need: int = 0) -> None:
         """Run until stopped; ``shared_need``: pool connections that this client's
@@ -316,7 +367,9 @@ class Worker:
         return True
 
     def _release_unfinished(self) -> None:
-        """Stage two: give back every claimed run that has not finished."""
+        """Stage two: give back every claimed run that has not finished. A slot
+        whose completion is claiming its next run is not released but waited
+        for: it finishes its run and hands back the one it claims."""
         with self._lock:
             slots = list(self._slots.values())
         if not slots:
@@ -328,13 +381,19 @@ class Worker:
             extra=queue_extra(self.queue),
         )
         for slot in slots:
-            try:
-                self.executor.release(slot.run, self.worker_id, self.claim_timeout, slot.started)
-            except Exception:
-                # Its lease still runs out: the sweep of another worker retries it.
-                log.exception(
-                    "could not release run %s", slot.run.run_id, extra=run_extra(slot.run)
-                )
+            if not slot.handing_over:
+                self._release(slot.run, slot.started)
+        deadline = time.monotonic() + HAND_OVER_GRACE
+        for slot in slots:
+            if slot.handing_over and slot.thread is not None:
+                slot.thread.join(max(deadline - time.monotonic(), 0.0))
+
+    def _release(self, run: ClaimedRun, started: bool) -> None:
+        try:
+            self.executor.release(run, self.worker_id, self.claim_timeout, started)
+        except Exception:
+            # Its lease still runs out: the sweep of another worker retries it.
+            log.exception("could not release run %s", run.run_id, extra=run_extra(run))
 
     def _guard(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call ``fn``; while the database is unreachable, back off and log once."""

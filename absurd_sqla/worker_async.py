@@ -32,9 +32,10 @@ from ._execute_async import AsyncExecutor
 from ._logs import logger, queue_extra, run_extra
 from ._outage import Outage
 from ._retry import is_disconnect
-from ._run import CLAIM_TIMEOUT_REASON, ClaimedRun
+from ._run import CLAIM_TIMEOUT_REASON, ClaimedRun, HandOver
 from ._runtime import (
     CANCELLED_HANDLER_GRACE,
+    HAND_OVER_GRACE,
     LISTEN_RETRY_MAX,
     LISTEN_RETRY_MIN,
     SWEEP_INTERVAL,
@@ -156,6 +157,9 @@ class _Slot:
     task: asyncio.Task[None] | None = None
     started: bool = False  # the handler was called (releasing it then costs an attempt)
     lost: bool = False  # cancelled by the lease watchdog
+    # Its completion is claiming the slot's next run: never cancelled (the run
+    # it claims would be lost with the answer), waited for when stopping now.
+    handing_over: bool = False
 
 
 class AsyncWorker:
@@ -360,9 +364,27 @@ class AsyncWorker:
         def mark_started() -> None:
             slot.started = True
 
+        def begin_hand_over() -> bool:
+            # No await between this and the statement: a stop cannot slip in.
+            if self.stopping:
+                return False
+            slot.handing_over = True
+            return True
+
         async def execute() -> None:
+            next_runs: list[ClaimedRun] = []
             try:
-                await self.executor.execute(run, self.worker_id, self.claim_timeout, mark_started)
+                next_runs = await self.executor.execute(
+                    run,
+                    self.worker_id,
+                    self.claim_timeout,
+                    mark_started,
+                    HandOver(self.queue, begin_hand_over),
+                )
+                if next_runs and self.stopping:  # stopped while the completion claimed
+                    claimed, next_runs = next_runs, []
+                    for claimed_run in claimed:
+                        await self._release(claimed_run, started=False)
             except asyncio.CancelledError:
                 if not slot.lost:
                     raise  # stopping now: the run is released by the loop
@@ -377,8 +399,13 @@ class AsyncWorker:
                     "worker slot crashed running run %s", run.run_id, extra=run_extra(run)
                 )
             finally:
+                # The run its completion claimed takes the slot's place at once,
+                # so the loop never sees it free and claims for it too.
                 self._slots.pop(run.run_id, None)
-                self._wake_soon()
+                for claimed_run in next_runs:
+                    self._start(claimed_run)
+                if not next_runs:
+                    self._wake_soon()
 
         self._slots[run.run_id] = slot
         slot.task = asyncio.create_task(execute(), name=f"absurd-task-{run.run_id}")
@@ -387,7 +414,11 @@ class AsyncWorker:
         """The lease watchdog: cancel the handler of any run that is no longer
         ours (its lease lapsed, or its task was cancelled), so it stops writing
         and stops its side effects. The sweep retries a lapsed run."""
-        started = [slot for slot in self._slots.values() if slot.started and not slot.lost]
+        started = [
+            slot
+            for slot in self._slots.values()
+            if slot.started and not slot.lost and not slot.handing_over
+        ]
         if not started:
             return None
         lost = await self._guard(
@@ -397,7 +428,9 @@ class AsyncWorker:
             return _FAILED
         for row in lost:
             slot = self._slots.get(row.run_id)
-            if slot is not None and slot.task is not None and not slot.task.done():
+            if slot is None or slot.handing_over:  # its completion went out meanwhile
+                continue
+            if slot.task is not None and not slot.task.done():
                 slot.lost = True
                 slot.task.cancel()
         return None
@@ -419,7 +452,9 @@ class AsyncWorker:
 
     async def _release_unfinished(self) -> None:
         """Stage two: cancel every handler that has not finished and give its
-        run back (claimable at once; an attempt used only if it had started)."""
+        run back (claimable at once; an attempt used only if it had started).
+        A slot whose completion is claiming its next run is not cancelled but
+        waited for: it finishes its run and hands back the one it claimed."""
         slots = [slot for slot in self._slots.values() if not slot.lost]
         if not slots:
             return
@@ -429,19 +464,15 @@ class AsyncWorker:
             len(slots),
             extra=queue_extra(self.queue),
         )
-        for slot in slots:
+        releasing = [slot for slot in slots if not slot.handing_over]
+        for slot in releasing:
             if slot.task is not None:
                 slot.task.cancel()  # an asyncio handler can be stopped, unlike a thread
-        for slot in slots:
-            try:
-                await self.executor.release(
-                    slot.run, self.worker_id, self.claim_timeout, slot.started
-                )
-            except Exception:
-                # Its lease still runs out: the sweep of another worker retries it.
-                log.exception(
-                    "could not release run %s", slot.run.run_id, extra=run_extra(slot.run)
-                )
+        for slot in releasing:
+            await self._release(slot.run, slot.started)
+        handing_over = [s.task for s in slots if s.handing_over and s.task is not None]
+        if handing_over:
+            await asyncio.wait(handing_over, timeout=HAND_OVER_GRACE)
         unfinished = {s.task: s.run for s in self._slots.values() if s.task is not None}
         if unfinished:
             _, pending = await asyncio.wait(unfinished, timeout=CANCELLED_HANDLER_GRACE)
@@ -451,6 +482,13 @@ class AsyncWorker:
                     task.get_name(),
                     extra=run_extra(unfinished[task]),
                 )
+
+    async def _release(self, run: ClaimedRun, started: bool) -> None:
+        try:
+            await self.executor.release(run, self.worker_id, self.claim_timeout, started)
+        except Exception:
+            # Its lease still runs out: the sweep of another worker retries it.
+            log.exception("could not release run %s", run.run_id, extra=run_extra(run))
 
     async def _guard(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         """Call ``fn``; while the database is unreachable, back off and log once."""

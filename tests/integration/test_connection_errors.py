@@ -24,7 +24,7 @@ from absurd_sqla.context import TaskContext
 from absurd_sqla.errors import CancelledTask, LeaseLost, SuspendTask, TaskSignal
 from absurd_sqla.models import runs
 from absurd_sqla.testing import FakeClock, run_until_idle
-from tests.support import Outcome, run_states, task_state, wait_until
+from tests.support import Outcome, run_states, task_state, wait_until, worker_thread
 
 # -- helpers -------------------------------------------------------------------------
 
@@ -411,6 +411,47 @@ def test_a_replayed_sleep_whose_retry_finds_the_run_cancelled_is_not_taken_for_i
     assert fault.calls == 2
     assert [type(s) for s in signals] == [SuspendTask, CancelledTask]
     assert task_state(clean_db, spawned.task_id) == "cancelled"
+
+
+# -- B: a completion that claimed the slot's next run, whose answer was lost ---------------
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "never-sent"])
+def test_a_run_claimed_by_a_completion_whose_answer_was_lost_is_taken_over(
+    url_app: Absurd, clean_db: Engine, committed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker's completion also claims its slot's next run. When it
+    committed and its answer was lost, the retry only completes, and the run
+    the first attempt claimed is found where the completion recorded it and
+    run at once: not left to its lease, which would then charge this
+    ``max_attempts=1`` task an attempt it never used. When the first attempt
+    never reached the server, the retry completes and nothing is taken over."""
+    ran: list[int] = []
+
+    @url_app.register_task("t", max_attempts=1)
+    def t(params: Any, ctx: TaskContext) -> int:
+        ran.append(params["i"])
+        return int(params["i"])
+
+    first = url_app.spawn("t", {"i": 1})
+    second = url_app.spawn("t", {"i": 2})
+    fault = Fault(
+        url_app, clean_db, sqlw.complete_and_claim, lose_answer=committed, kill=not committed
+    )
+    with (
+        caplog.at_level(logging.INFO, logger="absurd_sqla"),
+        worker_thread(url_app, concurrency=1, poll_interval=30),
+    ):
+        wait_until(
+            lambda: task_state(clean_db, second.task_id) == "completed", "the second completed"
+        )
+    # The first's completion and the second's; the first's retry only completed.
+    assert fault.calls == 2, "a retried completion claimed again"
+    assert ran == [1, 2]
+    assert run_states(clean_db, first.task_id) == ["completed"]
+    assert run_states(clean_db, second.task_id) == ["completed"]  # one run: no attempt lost
+    took_over = [r for r in caplog.records if "took over run" in r.getMessage()]
+    assert len(took_over) == (1 if committed else 0)
 
 
 # -- B: the retry decision, without I/O ---------------------------------------------------

@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.pool import NullPool
 
 from absurd_sqla import Absurd, TaskContext
+from tests.support import count_tasks, wait_until, worker_thread
 
 TASKS = 20
 # As measured when pinned (3-step tasks through one work_batch of TASKS): lower
@@ -23,6 +25,11 @@ TASKS = 20
 STATEMENTS_PER_TASK = 5.05  # start, 3 checkpoints, complete; + the batch's sweep and claim
 COMMITS_PER_TASK = 5.05
 STATEMENTS_PER_SPAWN = 1
+# Under start_worker at concurrency 1 (pinned at 4.2-4.3 with 40 tasks): 3
+# checkpoints and a completion that claims the slot's next run; + the worker's
+# start-up, its first claim, its sweeps and the idle look after the last task.
+WORKER_STATEMENTS_PER_TASK = 4.5
+WORKER_TASKS = 40
 
 
 @dataclass
@@ -81,3 +88,30 @@ def test_statements_and_commits_per_three_step_task(app: Absurd, counts: Counts)
     assert statements <= STATEMENTS_PER_TASK, counts.statements[:8]
     assert commits <= COMMITS_PER_TASK, counts.commits
     assert commits >= 1  # the counting itself works
+
+
+def test_statements_per_three_step_task_under_start_worker(app: Absurd, clean_db: Engine) -> None:
+    """A worker with work queued: each completion claims the slot's next run,
+    so a task costs its checkpoints and its completion, nothing more."""
+    app.register_task("three")(three_steps)
+    for _ in range(WORKER_TASKS):
+        app.spawn("three", {})
+    sent: list[str] = []
+
+    def statement(conn: Connection, cursor: Any, sql: str, *args: Any) -> None:
+        sent.append(sql)
+
+    # Watched from an engine of its own, whose statements are not counted.
+    observer = create_engine(clean_db.url, poolclass=NullPool)
+    event.listen(app.engine, "before_cursor_execute", statement)
+    try:
+        with worker_thread(app, concurrency=1, poll_interval=30):
+            wait_until(
+                lambda: count_tasks(observer, state="completed") == WORKER_TASKS, "all completed"
+            )
+    finally:
+        event.remove(app.engine, "before_cursor_execute", statement)
+        observer.dispose()
+    per_task = len(sent) / WORKER_TASKS
+    print(f"per 3-step task under start_worker: {per_task:.2f} statements")
+    assert per_task <= WORKER_STATEMENTS_PER_TASK, sent[:12]

@@ -37,7 +37,7 @@ from tests.conftest import Server
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = "absurd"
-HEAD = "absurd_0002_inspection"
+HEAD = "absurd_0003_hand_over"
 ABSURD_TABLES = {table.name for table in metadata.tables.values()}
 DOCS_URL = "postgresql+psycopg://localhost/myapp"
 
