@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from time import sleep
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import Connection, Engine
@@ -37,6 +37,7 @@ from ._retry import reconnect_delay
 from .errors import InvalidArgument
 
 log = logging.getLogger("absurd_sqla.worker")
+_T = TypeVar("_T")
 
 SessionLike = Session | Connection
 
@@ -133,17 +134,32 @@ class Database:
             def attempt() -> _wire.Record:
                 return _wire.exactly_one(self.rows(statement, params))
 
+        def write(retries: int) -> _wire.Record:
+            row = attempt()
+            if retries and not row.owned:
+                landed = self._landed(statement, params)
+                if landed is not None:
+                    log.info("a retried write found its earlier attempt committed")
+                    return landed
+            return row
+
+        return self._retried(write, params)
+
+    def reading(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[_wire.Record]:
+        """A run's read, tried again on a lost connection like :meth:`retrying`."""
+
+        def read(retries: int) -> Sequence[_wire.Record]:
+            return self.rows(statement, params)
+
+        return self._retried(read, params)
+
+    def _retried(self, call: Callable[[int], _T], params: Mapping[str, Any]) -> _T:
+        """``call(retries)``, again after a lost connection (see :meth:`retrying`)."""
         started = time.monotonic()
         retries = 0
         while True:
             try:
-                row = attempt()
-                if retries and not row.owned:
-                    landed = self._landed(statement, params)
-                    if landed is not None:
-                        log.info("a retried write found its earlier attempt committed")
-                        return landed
-                return row
+                return call(retries)
             except Exception as exc:
                 delay = reconnect_delay(exc, retries, time.monotonic() - started, random.random())
                 if delay is None:

@@ -20,7 +20,7 @@ import random
 import time
 from asyncio import sleep as async_sleep
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -34,6 +34,7 @@ from ._retry import reconnect_delay
 from .errors import InvalidArgument
 
 log = logging.getLogger("absurd_sqla.worker")
+_T = TypeVar("_T")
 
 AsyncSessionLike = AsyncSession | AsyncConnection
 
@@ -134,17 +135,34 @@ class AsyncDatabase:
             async def attempt() -> _wire.Record:
                 return _wire.exactly_one(await self.rows(statement, params))
 
+        async def write(retries: int) -> _wire.Record:
+            row = await attempt()
+            if retries and not row.owned:
+                landed = await self._landed(statement, params)
+                if landed is not None:
+                    log.info("a retried write found its earlier attempt committed")
+                    return landed
+            return row
+
+        return await self._retried(write, params)
+
+    async def reading(
+        self, statement: Executable, params: Mapping[str, Any]
+    ) -> Sequence[_wire.Record]:
+        """A run's read, tried again on a lost connection like :meth:`retrying`."""
+
+        async def read(retries: int) -> Sequence[_wire.Record]:
+            return await self.rows(statement, params)
+
+        return await self._retried(read, params)
+
+    async def _retried(self, call: Callable[[int], Awaitable[_T]], params: Mapping[str, Any]) -> _T:
+        """``call(retries)``, again after a lost connection (see :meth:`retrying`)."""
         started = time.monotonic()
         retries = 0
         while True:
             try:
-                row = await attempt()
-                if retries and not row.owned:
-                    landed = await self._landed(statement, params)
-                    if landed is not None:
-                        log.info("a retried write found its earlier attempt committed")
-                        return landed
-                return row
+                return await call(retries)
             except Exception as exc:
                 delay = reconnect_delay(exc, retries, time.monotonic() - started, random.random())
                 if delay is None:

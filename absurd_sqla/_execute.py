@@ -268,7 +268,7 @@ class Executor:
     def _handed_over(self, run: ClaimedRun, worker_id: str) -> list[ClaimedRun]:
         """The run ``run``'s completion claimed, if it is still this worker's."""
         try:
-            rows = self.db.rows(sqlw.handed_over_run, {"run": run.run_id, "worker": worker_id})
+            rows = self.db.reading(sqlw.handed_over_run, {"run": run.run_id, "worker": worker_id})
         except Exception as exc:
             log.warning(
                 "task %s (%s): could not look up the run the completion of run %s claimed "

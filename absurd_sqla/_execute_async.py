@@ -268,7 +268,7 @@ class AsyncExecutor:
     async def _handed_over(self, run: ClaimedRun, worker_id: str) -> list[ClaimedRun]:
         """The run ``run``'s completion claimed, if it is still this worker's."""
         try:
-            rows = await self.db.rows(
+            rows = await self.db.reading(
                 sqlw.handed_over_run, {"run": run.run_id, "worker": worker_id}
             )
         except Exception as exc:

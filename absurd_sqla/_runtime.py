@@ -32,8 +32,9 @@ LISTEN_RETRY_MIN, LISTEN_RETRY_MAX = 0.5, 30.0  # reconnect backoff of the liste
 SIGNAL_CHECK_INTERVAL = 0.1  # longest an idle worker takes to notice SIGTERM/SIGINT
 CANCELLED_HANDLER_GRACE = 5.0  # seconds a stopping asyncio worker waits for cancelled handlers
 # Seconds a worker stopping now waits for a completion that is claiming its
-# slot's next run: that write's own retries, and the look-up after them.
-HAND_OVER_GRACE = WRITE_RETRY_BUDGET + 5.0
+# slot's next run: that write's retries, the look-up's after them, and the
+# hand-back of the run it claimed.
+HAND_OVER_GRACE = 2 * WRITE_RETRY_BUDGET + 5.0
 
 
 def default_worker_id() -> str:

@@ -555,12 +555,15 @@ defer_run = select(count_of(_deferred).label("deferred"), count_of(_deferred_tas
 # -- finishing ---------------------------------------------------------------
 
 
-def _complete(**handed_over: Any) -> Select[Any]:
-    """Complete the run (fenced) and its task: one row, ``owned``, ``tasks``
-    and ``run_state``. ``handed_over``: the value of ``runs.handed_over``."""
+def _complete(
+    owned: tuple[ColumnElement[bool], ...] = _owns_run, **handed_over: Any
+) -> Select[Any]:
+    """Complete the run and its task where ``owned`` holds (the run is still
+    ours): one row, ``owned``, ``tasks`` and ``run_state``. ``handed_over``:
+    the value of ``runs.handed_over``."""
     completed = (
         update(runs)
-        .where(*_owns_run)
+        .where(*owned)
         .values(
             state="completed",
             result=json_param("result_json"),
@@ -595,20 +598,14 @@ complete_run = _complete()
 # A completion that also claims its worker slot's next run, in the same
 # statement and commit (one round trip fewer per task): ``complete_run``'s row
 # with the claim's columns of the run claimed (NULL if none; ``:batch_size``
-# is 1). It claims only while the completing run is still ours (as of the
-# statement's snapshot), and the completion records what it claimed in
-# ``runs.handed_over``: a worker whose answer was lost with its connection
-# finds the run there (``handed_over_run``) instead of leaving it to its lease.
-_completing = runs.alias("completing")
-_next_claim, _next_candidates, _next_claimed = _claim(
-    select(_completing.c.run_id)
-    .where(
-        _completing.c.run_id == run_param,
-        state_in(_completing.c.state, "running"),
-        or_(_completing.c.claim_expires_at.is_(None), _completing.c.claim_expires_at > NOW),
-    )
-    .exists()
-)
+# is 1). The completing run is locked first, before anything else (run before
+# task; a cancel holding it is waited for and its outcome read), and the claim
+# and the completion both happen exactly when that lock found the run ours.
+# The completion records what it claimed in ``runs.handed_over``: a worker
+# whose answer was lost with its connection finds the run there
+# (``handed_over_run``) instead of leaving it to its lease.
+_completing = select(runs.c.run_id).where(*_owns_run).with_for_update().cte("completing")
+_next_claim, _next_candidates, _next_claimed = _claim(select(_completing.c.run_id).exists())
 _hand_over_record = (
     select(
         func.jsonb_build_object(
@@ -625,7 +622,10 @@ _hand_over_record = (
     )
     .scalar_subquery()
 )
-_completion = _complete(handed_over=_hand_over_record).subquery("completion")
+_completion = _complete(
+    (runs.c.run_id == run_param, select(_completing.c.run_id).exists()),
+    handed_over=_hand_over_record,
+).subquery("completion")
 _next_runs = _next_claim.subquery("next_runs")
 complete_and_claim = select(_completion, _next_runs).select_from(
     _completion.outerjoin(_next_runs, true())

@@ -247,14 +247,19 @@ class Worker:
     def _take_over(self, done: ClaimedRun, next_runs: list[ClaimedRun]) -> None:
         """A slot's run is done: start the run its completion claimed in its
         place (in one step under the lock, so the loop never sees the slot free
-        and claims for it too), or hand it back if the worker is stopping."""
-        if next_runs and self.stopping:
+        and claims for it too), or, if the worker is stopping, hand it back
+        while the slot still counts (a worker stopping now waits for it)."""
+        with self._lock:
+            stopping = self.stopping
+            if not stopping:
+                self._slots.pop(done.run_id, None)
+                threads = [(self._register(run), run) for run in next_runs]
+        if stopping:
             for run in next_runs:
                 self._release(run, started=False)
-            next_runs = []
-        with self._lock:
-            self._slots.pop(done.run_id, None)
-            threads = [(self._register(run), run) for run in next_runs]
+            with self._lock:
+                self._slots.pop(done.run_id, None)
+            threads = []
         for thread, run in threads:
             self._launch(thread, run)
         if not threads:

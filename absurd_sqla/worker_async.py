@@ -470,10 +470,19 @@ class AsyncWorker:
                 slot.task.cancel()  # an asyncio handler can be stopped, unlike a thread
         for slot in releasing:
             await self._release(slot.run, slot.started)
-        handing_over = [s.task for s in slots if s.handing_over and s.task is not None]
+        handing_over = {s.task: s.run for s in slots if s.handing_over and s.task is not None}
         if handing_over:
-            await asyncio.wait(handing_over, timeout=HAND_OVER_GRACE)
-        unfinished = {s.task: s.run for s in self._slots.values() if s.task is not None}
+            _, pending = await asyncio.wait(handing_over, timeout=HAND_OVER_GRACE)
+            for task in pending:
+                log.warning(
+                    "%s is still recording its completion; left running (the run it "
+                    "claimed, if any, waits for its lease to expire)",
+                    task.get_name(),
+                    extra=run_extra(handing_over[task]),
+                )
+        unfinished = {
+            s.task: s.run for s in self._slots.values() if s.task is not None and not s.handing_over
+        }
         if unfinished:
             _, pending = await asyncio.wait(unfinished, timeout=CANCELLED_HANDLER_GRACE)
             for task in pending:  # a handler that swallowed CancelledError: fenced anyway

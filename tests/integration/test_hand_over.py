@@ -15,13 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Connection, Engine, cast, select
+from sqlalchemy.dialects.postgresql import TIMESTAMP
+from sqlalchemy.orm import Session
 
 from absurd_sqla import Absurd, AsyncAbsurd, _wire
 from absurd_sqla import _sql_worker as sqlw
 from absurd_sqla._execute import Executor
 from absurd_sqla._execute_async import AsyncExecutor
-from absurd_sqla.models import runs
+from absurd_sqla.models import runs, tasks
+from absurd_sqla.testing import FakeClock
 from tests.support import (
     DEADLINE,
     async_app_for,
@@ -29,6 +32,7 @@ from tests.support import (
     run_async,
     run_states,
     task_state,
+    wait_for_lock_waiters,
     wait_until,
     worker_thread,
 )
@@ -180,12 +184,93 @@ def test_a_run_claimed_as_the_stop_arrived_is_handed_back(
         assert list(attempts) == [1]  # no attempt used
 
 
+def test_a_completion_waiting_for_a_cancel_claims_nothing(
+    app: Absurd, clean_db: Engine, claims: Callable[[Any], Counter[str]]
+) -> None:
+    """A cancel holds the completing run's row when the completion comes, and
+    commits while the completion waits for it: the completion reads the
+    cancelled run, so it completes nothing and claims nothing either (a claim
+    then would be recorded nowhere, and lost with a lost answer)."""
+    holders: list[Connection] = []
+    ready = threading.Event()
+
+    @app.register_task("held")
+    def held(params: Any, ctx: Any) -> str:
+        holder = clean_db.connect()
+        holders.append(holder)
+        holder.execute(select(runs.c.run_id).where(runs.c.run_id == ctx.run_id).with_for_update())
+        ready.set()
+        return "discarded"
+
+    app.register_task("t")(three_steps)
+    first = app.spawn("held")
+    second = app.spawn("t", {})
+    try:
+        with worker_thread(app, concurrency=1, poll_interval=30):
+            assert ready.wait(DEADLINE)
+            wait_for_lock_waiters(clean_db, 1)  # the completion waits for the holder
+            app.cancel_task(first.task_id, session=Session(bind=holders[0]))
+            holders[0].commit()
+            wait_until(lambda: task_state(clean_db, second.task_id) == "completed", "second ran")
+    finally:
+        for holder in holders:
+            holder.close()
+    assert task_state(clean_db, first.task_id) == "cancelled"
+    assert claims(app.engine) == Counter({"claim": 2})
+
+
+def test_the_record_keeps_what_the_claim_overwrote(app: Absurd, clean_db: Engine) -> None:
+    """The run a completion claims had started before (it slept): the record
+    keeps its earlier start, which handing it back restores."""
+
+    started, go = threading.Event(), threading.Event()
+
+    @app.register_task("sleeper")
+    def sleeper(params: Any, ctx: Any) -> str:
+        ctx.sleep_for("nap", 60)
+        return "woke"
+
+    @app.register_task("blocked")
+    def blocked(params: Any, ctx: Any) -> str:
+        started.set()
+        assert go.wait(DEADLINE)
+        return "done"
+
+    with FakeClock(app.engine) as clock:
+        sleeping = app.spawn("sleeper")
+        plain = app.spawn("blocked")
+        with worker_thread(app, concurrency=1, poll_interval=30):
+            assert started.wait(DEADLINE)  # the sleeper slept, the loop claimed this one
+            assert run_states(clean_db, sleeping.task_id) == ["sleeping"]
+            clock.advance(61)  # the sleeper is due: this completion claims it
+            go.set()
+            wait_until(lambda: count_tasks(clean_db, state="completed") == 2, "both completed")
+    with clean_db.connect() as conn:
+        record = conn.execute(
+            select(
+                cast(runs.c.handed_over["prev_started_at"].astext, TIMESTAMP(timezone=True)),
+                cast(runs.c.handed_over["prev_first_started_at"].astext, TIMESTAMP(timezone=True)),
+                runs.c.handed_over["run_id"].astext,
+            ).where(runs.c.task_id == plain.task_id)
+        ).one()
+        slept = conn.execute(
+            select(runs.c.run_id, runs.c.started_at).where(runs.c.task_id == sleeping.task_id)
+        ).one()
+        first_started = conn.scalar(
+            select(tasks.c.first_started_at).where(tasks.c.task_id == sleeping.task_id)
+        )
+    assert record[2] == str(slept.run_id)  # the sleeper's second claim came with a completion
+    assert record[0] == slept.started_at is not None
+    assert record[1] == first_started is not None
+
+
 def test_stopping_now_waits_for_a_completion_that_claims(
     app: Absurd, clean_db: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stop-now while a slot's completion claims its next run: the worker
-    does not return before that slot has handed the claimed run back (a
-    process exiting then would leave it to its lease)."""
+    """A stop-now as a slot's completion is about to claim its next run: the
+    worker neither releases that slot's run (it is completing) nor returns
+    before the slot has handed back the run it claimed (a process exiting
+    then would leave that run to its lease)."""
     joined = threading.Event()
 
     class Watched(threading.Thread):
@@ -199,10 +284,10 @@ def test_stopping_now_waits_for_a_completion_that_claims(
     complete_and_claim = Executor._complete_and_claim
 
     def stop_now_meanwhile(self: Executor, *args: Any) -> Any:
-        answer = complete_and_claim(self, *args)
         app.stop_worker(now=True)
+        # The worker has released what it releases, and waits for this slot.
         assert joined.wait(DEADLINE), "the stopping worker did not wait for this slot"
-        return answer
+        return complete_and_claim(self, *args)
 
     monkeypatch.setattr(Executor, "_complete_and_claim", stop_now_meanwhile)
     first = app.spawn("t", {})
@@ -211,8 +296,8 @@ def test_stopping_now_waits_for_a_completion_that_claims(
         thread.join(DEADLINE)
         assert not thread.is_alive()
         # Decided when start_worker returned, not later:
-        assert task_state(clean_db, first.task_id) == "completed"
-        assert task_state(clean_db, second.task_id) == "pending"
+        assert run_states(clean_db, first.task_id) == ["completed"]  # not released
+        assert task_state(clean_db, second.task_id) == "pending"  # handed back
     assert not claimed_ever(clean_db, second.task_id)
 
 
@@ -288,8 +373,8 @@ async def test_an_async_stopping_worker_claims_nothing_with_a_completion(
         first = await app.spawn("stopper")
         second = await app.spawn("stopper")
         await asyncio.wait_for(app.start_worker(concurrency=1, poll_interval=30), DEADLINE)
-        assert task_state(clean_db, first.task_id) == "completed"
-        assert task_state(clean_db, second.task_id) == "pending"
+        assert run_states(clean_db, first.task_id) == ["completed"]  # not released
+        assert task_state(clean_db, second.task_id) == "pending"  # handed back
         assert not claimed_ever(clean_db, second.task_id)
         assert claims(app.engine)["complete_and_claim"] == 0
 
@@ -346,17 +431,16 @@ async def test_an_async_worker_stopping_now_waits_for_a_completion_that_claims(
         complete_and_claim = AsyncExecutor._complete_and_claim
 
         async def stop_now_meanwhile(self: AsyncExecutor, *args: Any) -> Any:
-            answer = await complete_and_claim(self, *args)
             app.stop_worker(now=True)
             # The loop releases now; a cancellation of this slot would land
             # here. (Not under wait_for: on Python 3.11 it can swallow one.)
             await releasing.wait()
-            return answer
+            return await complete_and_claim(self, *args)
 
         monkeypatch.setattr(AsyncExecutor, "_complete_and_claim", stop_now_meanwhile)
         first = await app.spawn("t", {})
         second = await app.spawn("t", {})
         await asyncio.wait_for(app.start_worker(concurrency=1, poll_interval=30), DEADLINE)
-        assert task_state(clean_db, first.task_id) == "completed"
-        assert task_state(clean_db, second.task_id) == "pending"
+        assert run_states(clean_db, first.task_id) == ["completed"]  # not released
+        assert task_state(clean_db, second.task_id) == "pending"  # handed back
         assert not claimed_ever(clean_db, second.task_id)

@@ -87,6 +87,21 @@ def test_hot_statements_use_their_indexes(many_finished: Absurd) -> None:
                 sqlw.write_checkpoint,
                 {"run": live.run_id, "claim_timeout": 120, "step": "s", "value_json": "1"},
             ),
+            "complete_and_claim": explain(
+                conn,
+                sqlw.complete_and_claim,
+                {
+                    "run": live.run_id,
+                    "result_json": "1",
+                    "queue": "default",
+                    "worker": "w",
+                    "claim_timeout": 120,
+                    "batch_size": 1,
+                },
+            ),
+            "handed_over_run": explain(
+                conn, sqlw.handed_over_run, {"run": live.run_id, "worker": "w"}
+            ),
             "emit_event": explain(conn, _sql.emit_event, app._core.emit_params("e", 1, None)),
             "wake_waiters": explain(conn, _sql.wake_waiters, app._core.emit_params("e", 1, None)),
             "fetch": explain(
@@ -97,6 +112,10 @@ def test_hot_statements_use_their_indexes(many_finished: Absurd) -> None:
     assert "Index Scan using ix_runs_lease on runs" in plans["expired_runs"]
     assert "Index Scan using pk_runs on runs" in plans["write_checkpoint"]
     assert "Conflict Arbiter Indexes: pk_checkpoints" in plans["write_checkpoint"]
+    assert "Index Scan using ix_runs_claim on runs" in plans["complete_and_claim"]
+    assert "Index Scan using pk_runs on runs" in plans["complete_and_claim"]
+    # The completed run by its key; the run it names by key or among the running.
+    assert "Index Scan using pk_runs on runs handing" in plans["handed_over_run"]
     assert "Conflict Arbiter Indexes: pk_events" in plans["emit_event"]
     assert "Index Scan using pk_tasks on tasks" in plans["fetch"]
     for name, plan in plans.items():
