@@ -7,9 +7,12 @@ in for a condition.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -24,7 +27,16 @@ from absurd_sqla.context import TaskContext
 from absurd_sqla.errors import CancelledTask, LeaseLost, SuspendTask, TaskSignal
 from absurd_sqla.models import runs
 from absurd_sqla.testing import FakeClock, run_until_idle
-from tests.support import Outcome, run_states, task_state, wait_until, worker_thread
+from tests.support import (
+    DEADLINE,
+    Outcome,
+    async_app_for,
+    run_async,
+    run_states,
+    task_state,
+    wait_until,
+    worker_thread,
+)
 
 # -- helpers -------------------------------------------------------------------------
 
@@ -452,6 +464,40 @@ def test_a_run_claimed_by_a_completion_whose_answer_was_lost_is_taken_over(
     assert run_states(clean_db, second.task_id) == ["completed"]  # one run: no attempt lost
     took_over = [r for r in caplog.records if "took over run" in r.getMessage()]
     assert len(took_over) == (1 if committed else 0)
+
+
+@run_async
+async def test_an_async_worker_takes_over_the_run_its_lost_completion_claimed(
+    database_url: str, clean_db: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same for the asyncio worker: the taken-over run starts in the slot."""
+    async with async_app_for(database_url) as app:
+        ran: list[int] = []
+
+        @app.register_task("t", max_attempts=1)
+        async def t(params: Any, ctx: Any) -> int:
+            ran.append(params["i"])
+            return int(params["i"])
+
+        await app.spawn("t", {"i": 1})
+        second = await app.spawn("t", {"i": 2})
+        engine = SimpleNamespace(engine=app.engine.sync_engine)
+        fault = Fault(engine, clean_db, sqlw.complete_and_claim, lose_answer=True)  # type: ignore[arg-type]
+        with caplog.at_level(logging.INFO, logger="absurd_sqla"):
+            worker = asyncio.create_task(app.start_worker(concurrency=1, poll_interval=30))
+            try:
+                deadline = time.monotonic() + DEADLINE
+                while task_state(clean_db, second.task_id) != "completed":
+                    assert not worker.done(), "the worker stopped early"
+                    assert time.monotonic() < deadline, "the second never completed"
+                    await asyncio.sleep(0.01)  # polling the database condition
+            finally:
+                app.stop_worker()
+                await asyncio.wait_for(worker, DEADLINE)
+        assert fault.calls == 2
+        assert ran == [1, 2]
+        assert run_states(clean_db, second.task_id) == ["completed"]
+        assert [r for r in caplog.records if "took over run" in r.getMessage()]
 
 
 # -- B: the retry decision, without I/O ---------------------------------------------------
