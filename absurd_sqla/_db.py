@@ -166,8 +166,7 @@ class Database:
                     raise
                 retries += 1
                 log.warning(
-                    "lost the database connection writing for run %s (%s); "
-                    "retrying in %.2fs (retry %d)",
+                    "lost the database connection for run %s (%s); retrying in %.2fs (retry %d)",
                     params.get("run"),
                     exc.__class__.__name__,
                     delay,

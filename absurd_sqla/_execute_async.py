@@ -148,13 +148,15 @@ class AsyncExecutor:
         run: ClaimedRun,
         worker_id: str,
         claim_timeout: float,
-        on_start: Callable[[], None] | None = None,
+        on_start: Callable[[], bool] | None = None,
         hand_over: HandOver | None = None,
     ) -> list[ClaimedRun]:
         """Run one claimed run to completion, failure or suspension.
 
         ``on_start`` is called just before the handler is (what a stopping
-        worker needs to know: a run whose handler never started costs no attempt).
+        worker needs to know: a run whose handler never started costs no attempt);
+        False means the worker has handed the run back meanwhile, and the
+        handler is not called.
         With ``hand_over``, a completion also claims the slot's next run, which
         is returned (a list of at most one); otherwise the list is empty.
         Children complete alone: their completion also wakes their parent.
@@ -182,8 +184,8 @@ class AsyncExecutor:
         async def call() -> Any:
             return await registration.handler(run.params, ctx)
 
-        if on_start is not None:
-            on_start()
+        if on_start is not None and not on_start():
+            return []
         started = time.monotonic()
         try:
             with running(ctx):

@@ -131,6 +131,7 @@ class _Slot:
     # Its completion is claiming the slot's next run: not released when
     # stopping now, but waited for (it hands back the run it claims).
     handing_over: bool = False
+    released: bool = False  # handed back by the worker: its handler must not start
 
 
 class Worker:
@@ -200,8 +201,14 @@ class Worker:
         its thread, made but not started."""
         slot = _Slot(run)
 
-        def mark_started() -> None:
-            slot.started = True
+        def mark_started() -> bool:
+            # Under the lock stopping now takes to hand runs back: a run handed
+            # back as never started is not started after all.
+            with self._lock:
+                if slot.released:
+                    return False
+                slot.started = True
+                return True
 
         def begin_hand_over() -> bool:
             # Under the lock that stopping now takes to list the slots: either
@@ -240,8 +247,14 @@ class Worker:
         except RuntimeError:  # no thread to be had: give the run back unstarted
             log.exception("could not start a thread for run %s", run.run_id, extra=run_extra(run))
             with self._lock:
+                slot = self._slots.get(run.run_id)
+                ours = slot is not None and not slot.released
+                if slot is not None:
+                    slot.released = True
+            if ours:  # handed back while the slot still counts
+                self._release(run, started=False)
+            with self._lock:
                 self._slots.pop(run.run_id, None)
-            self._release(run, started=False)
             self._wake.set()
 
     def _take_over(self, done: ClaimedRun, next_runs: list[ClaimedRun]) -> None:
@@ -377,6 +390,12 @@ class Worker:
         for: it finishes its run and hands back the one it claims."""
         with self._lock:
             slots = list(self._slots.values())
+            # Decided under the lock a handler takes to start: one not started
+            # now never will be (see mark_started).
+            releasing = [(s.run, s.started) for s in slots if not (s.handing_over or s.released)]
+            for slot in slots:
+                if not slot.handing_over:
+                    slot.released = True
         if not slots:
             return
         log.warning(
@@ -385,9 +404,8 @@ class Worker:
             len(slots),
             extra=queue_extra(self.queue),
         )
-        for slot in slots:
-            if not slot.handing_over:
-                self._release(slot.run, slot.started)
+        for run, started in releasing:
+            self._release(run, started)
         deadline = time.monotonic() + HAND_OVER_GRACE
         for slot in slots:
             if slot.handing_over and slot.thread is not None:

@@ -361,11 +361,13 @@ class AsyncWorker:
     def _start(self, run: ClaimedRun) -> None:
         slot = _Slot(run)
 
-        def mark_started() -> None:
-            slot.started = True
+        def mark_started() -> bool:
+            slot.started = True  # on the loop: stop-now sees it before it cancels
+            return True
 
         def begin_hand_over() -> bool:
-            # No await between this and the statement: a stop cannot slip in.
+            # Marked on the loop: a stop-now that comes later finds this slot
+            # handing over, and waits for it instead of cancelling it.
             if self.stopping:
                 return False
             slot.handing_over = True

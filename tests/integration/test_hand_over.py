@@ -25,6 +25,7 @@ from absurd_sqla._execute import Executor
 from absurd_sqla._execute_async import AsyncExecutor
 from absurd_sqla.models import runs, tasks
 from absurd_sqla.testing import FakeClock
+from absurd_sqla.worker import Worker
 from tests.support import (
     DEADLINE,
     async_app_for,
@@ -326,6 +327,41 @@ def test_a_claimed_run_whose_thread_cannot_start_is_handed_back(
         wait_until(lambda: task_state(clean_db, second.task_id) == "completed", "the second ran")
     assert failures, "no thread start failed"
     assert run_states(clean_db, second.task_id) == ["completed"]  # no attempt used
+
+
+def test_a_run_handed_back_unstarted_never_starts(
+    app: Absurd, clean_db: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop-now lands after a completion claimed the next run but before that
+    run's thread starts: the worker hands it back as never started (no attempt
+    used), and the thread, starting afterwards, does not run its handler."""
+    ran: list[str] = []
+
+    @app.register_task("t")
+    def t(params: Any, ctx: Any) -> str:
+        ran.append(params["name"])
+        return "ok"
+
+    app.spawn("t", {"name": "first"})
+    second = app.spawn("t", {"name": "second"})
+    launch = Worker._launch
+
+    def stop_now_first(self: Worker, thread: threading.Thread, run: Any) -> None:
+        if threading.current_thread().name.startswith("absurd-task-"):  # from a take-over
+            app.stop_worker(now=True)
+            wait_until(lambda: task_state(clean_db, second.task_id) == "pending", "handed back")
+        launch(self, thread, run)
+
+    monkeypatch.setattr(Worker, "_launch", stop_now_first)
+    with worker_thread(app, concurrency=1, poll_interval=30) as thread:
+        thread.join(DEADLINE)
+        assert not thread.is_alive()
+    for task_thread in threading.enumerate():  # the late thread has done what it does
+        if task_thread.name.startswith("absurd-task-"):
+            task_thread.join(DEADLINE)
+    assert ran == ["first"]
+    assert task_state(clean_db, second.task_id) == "pending"
+    assert run_states(clean_db, second.task_id) == ["pending"]  # no attempt used
 
 
 # -- the asyncio worker -------------------------------------------------------------
