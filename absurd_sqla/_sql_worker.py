@@ -63,7 +63,13 @@ run_param = bindparam("run", type_=UUID(as_uuid=True))
 task_param = bindparam("task", type_=UUID(as_uuid=True))
 step_param = bindparam("step", type_=Text)
 
-LEASE_OK = or_(runs.c.claim_expires_at.is_(None), runs.c.claim_expires_at > NOW)
+
+def _lease_ok(run: Any) -> ColumnElement[bool]:
+    """``run`` (``runs`` or an alias of it) holds an unexpired lease, or one without expiry."""
+    return or_(run.c.claim_expires_at.is_(None), run.c.claim_expires_at > NOW)
+
+
+LEASE_OK = _lease_ok(runs)
 _owns_run = (runs.c.run_id == run_param, state_in(runs.c.state, "running"), LEASE_OK)
 
 # A claim_timeout <= 0 means "no expiry"; otherwise now + claim_timeout.
@@ -663,7 +669,7 @@ handed_over_run = (
         _handing.c.run_id == run_param,
         state_in(_handed.c.state, "running"),
         _handed.c.claimed_by == bindparam("worker", type_=Text),
-        or_(_handed.c.claim_expires_at.is_(None), _handed.c.claim_expires_at > NOW),
+        _lease_ok(_handed),
     )
 )
 

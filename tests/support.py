@@ -242,6 +242,24 @@ async def async_app_for(url: str, **kwargs: Any) -> AsyncIterator[AsyncAbsurd]:
         await app.close()
 
 
+async def run_async_worker_until(
+    app: AsyncAbsurd, done: Callable[[], bool], message: str, **kwargs: Any
+) -> None:
+    """``app.start_worker(**kwargs)`` in a task until ``done()`` (a database
+    condition, polled), then stopped; fails if the worker stops first or
+    ``done()`` is not reached within ``DEADLINE``."""
+    worker = asyncio.create_task(app.start_worker(**kwargs))
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not done():
+            assert not worker.done(), "the worker stopped early"
+            assert time.monotonic() < deadline, f"timed out: {message}"
+            await asyncio.sleep(0.01)  # polling the database condition
+    finally:
+        app.stop_worker()
+        await asyncio.wait_for(worker, DEADLINE)
+
+
 @contextlib.contextmanager
 def app_for(url: str, **kwargs: Any) -> Iterator[Absurd]:
     """An ``Absurd`` on ``url`` with its default queue, closed at the end (the

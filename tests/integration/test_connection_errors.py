@@ -7,9 +7,7 @@ in for a condition.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -28,10 +26,10 @@ from absurd_sqla.errors import CancelledTask, LeaseLost, SuspendTask, TaskSignal
 from absurd_sqla.models import runs
 from absurd_sqla.testing import FakeClock, run_until_idle
 from tests.support import (
-    DEADLINE,
     Outcome,
     async_app_for,
     run_async,
+    run_async_worker_until,
     run_states,
     task_state,
     wait_until,
@@ -484,16 +482,13 @@ async def test_an_async_worker_takes_over_the_run_its_lost_completion_claimed(
         engine = SimpleNamespace(engine=app.engine.sync_engine)
         fault = Fault(engine, clean_db, sqlw.complete_and_claim, lose_answer=True)  # type: ignore[arg-type]
         with caplog.at_level(logging.INFO, logger="absurd_sqla"):
-            worker = asyncio.create_task(app.start_worker(concurrency=1, poll_interval=30))
-            try:
-                deadline = time.monotonic() + DEADLINE
-                while task_state(clean_db, second.task_id) != "completed":
-                    assert not worker.done(), "the worker stopped early"
-                    assert time.monotonic() < deadline, "the second never completed"
-                    await asyncio.sleep(0.01)  # polling the database condition
-            finally:
-                app.stop_worker()
-                await asyncio.wait_for(worker, DEADLINE)
+            await run_async_worker_until(
+                app,
+                lambda: task_state(clean_db, second.task_id) == "completed",
+                "the second completed",
+                concurrency=1,
+                poll_interval=30,
+            )
         assert fault.calls == 2
         assert ran == [1, 2]
         assert run_states(clean_db, second.task_id) == ["completed"]

@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Engine, cast, select
 from sqlalchemy.dialects.postgresql import TIMESTAMP
 from sqlalchemy.orm import Session
 
-from absurd_sqla import Absurd, AsyncAbsurd, _wire
+from absurd_sqla import Absurd, _wire
 from absurd_sqla import _sql_worker as sqlw
 from absurd_sqla._execute import Executor
 from absurd_sqla._execute_async import AsyncExecutor
@@ -31,6 +31,7 @@ from tests.support import (
     async_app_for,
     count_tasks,
     run_async,
+    run_async_worker_until,
     run_states,
     task_state,
     wait_for_lock_waiters,
@@ -367,17 +368,6 @@ def test_a_run_handed_back_unstarted_never_starts(
 # -- the asyncio worker -------------------------------------------------------------
 
 
-async def _run_until(app: AsyncAbsurd, done: Callable[[], bool], **kwargs: Any) -> None:
-    worker = asyncio.create_task(app.start_worker(**kwargs))
-    try:
-        while not done():
-            assert not worker.done(), "the worker stopped early"
-            await asyncio.sleep(0.01)  # polling the database condition
-    finally:
-        app.stop_worker()
-        await asyncio.wait_for(worker, DEADLINE)
-
-
 @run_async
 async def test_an_async_completion_claims_the_slots_next_run(
     database_url: str, clean_db: Engine, claims: Callable[[Any], Counter[str]]
@@ -386,9 +376,10 @@ async def test_an_async_completion_claims_the_slots_next_run(
         app.register_task("t")(three_steps_async)
         for i in range(4):
             await app.spawn("t", {"i": i})
-        await _run_until(
+        await run_async_worker_until(
             app,
             lambda: count_tasks(clean_db, state="completed") == 4,
+            "all four completed",
             concurrency=1,
             poll_interval=30,
         )
